@@ -1,0 +1,1 @@
+"""outbound-operator: renders OutboundAuthPolicy objects into the relay's config."""
