@@ -1,0 +1,385 @@
+"""The `relay.yaml` model: the contract between the operator and the relay (docs/relay-config.md).
+
+Keys are camelCase as DESIGN.md writes them, and are also accepted case-insensitively, with `_` or `-`
+between words, and in Momentum's spelling (`Outbound_SMTP_AUTH_user`), so a stanza carried over from
+`ecelerity.conf` reads as it did there. Unknown keys are errors: a typo must never silently drop a setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Momentum's option names (seed document); they map onto our fields in every model that has them.
+MOMENTUM_KEYS = {
+    "outboundsmtpauthtype": "type",
+    "outboundsmtpauthuser": "user",
+    "outboundsmtpauthpass": "password",
+}
+CONTEXT_KEYS = ("outbound_smtp_auth_type", "outbound_smtp_auth_user", "outbound_smtp_auth_pass")
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_HOOK_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ConfigError(ValueError):
+    """A relay config that cannot be used; the message names each bad key and why."""
+
+
+def _fold(key: str) -> str:
+    return key.replace("_", "").replace("-", "").lower()
+
+
+class Model(BaseModel):
+    """Frozen, strict about unknown keys, and forgiving about the case and spelling of known ones."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    _extra_aliases: ClassVar[Mapping[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        known: dict[str, str] = {}
+        for name, field in cls.model_fields.items():
+            known[_fold(name)] = name
+            if field.alias:
+                known[_fold(field.alias)] = name
+        for alias, name in cls._extra_aliases.items():
+            known[_fold(alias)] = name
+        out: dict[str, Any] = {}
+        seen: dict[str, str] = {}
+        for key, value in data.items():
+            name = known.get(_fold(str(key)), str(key))
+            if name in seen:
+                raise ValueError(f"{key!r} and {seen[name]!r} set the same setting; keep one")
+            seen[name] = str(key)
+            out[name] = value
+        return out
+
+
+class Endpoint(Model):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+
+class ListenConfig(Endpoint):
+    """Where the app submits mail. Loopback only: an open listener would relay anyone's mail with our
+    credentials, and the sidecar shares the Pod's network namespace with the app."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=2525, ge=1, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _loopback(cls, host: str) -> str:
+        if host != "localhost":
+            try:
+                is_loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                is_loopback = False
+            if not is_loopback:
+                raise ValueError(
+                    f"must be a loopback address (127.0.0.1, ::1 or localhost), got {host!r}: "
+                    "the relay never accepts mail from the network"
+                )
+        return host
+
+
+class MetricsConfig(Endpoint):
+    host: str = "0.0.0.0"
+    port: int = Field(default=9425, ge=0, le=65535)  # 0 turns the endpoint off
+
+
+class Scope(Model):
+    """Which messages a policy applies to; no key at all is the namespace-wide global scope."""
+
+    domain: str | None = None
+    binding: str | None = Field(default=None, min_length=1)
+    binding_group: str | None = Field(default=None, alias="bindingGroup", min_length=1)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, domain: str | None) -> str | None:
+        if domain is None:
+            return None
+        name = domain.strip().rstrip(".").lower()
+        labels = name.removeprefix("*.").split(".")
+        if not all(_DOMAIN_LABEL.match(label) for label in labels) or "*" in name.removeprefix("*."):
+            raise ValueError(f"{domain!r} is not a domain name or a '*.example.com' wildcard")
+        return name
+
+    @model_validator(mode="after")
+    def _one_binding_kind(self) -> Scope:
+        if self.binding and self.binding_group:
+            raise ValueError("set binding or bindingGroup, not both (a binding already implies its group)")
+        return self
+
+    def describe(self) -> str:
+        parts = [
+            f"{key}={value}"
+            for key, value in (
+                ("domain", self.domain),
+                ("binding", self.binding),
+                ("bindingGroup", self.binding_group),
+            )
+            if value
+        ]
+        return ",".join(parts) or "global"
+
+
+class AuthType(StrEnum):
+    PLAIN = "PLAIN"
+    LOGIN = "LOGIN"
+    XOAUTH2 = "XOAUTH2"
+
+    @classmethod
+    def parse(cls, value: object) -> AuthType:
+        try:
+            return cls(str(value).strip().upper())
+        except ValueError:
+            raise ValueError(f"must be one of PLAIN, LOGIN, XOAUTH2, got {value!r}") from None
+
+
+class TlsMode(StrEnum):
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+    NONE = "none"
+
+
+class TlsSettings(Model):
+    mode: TlsMode = TlsMode.STARTTLS
+    verify: bool = True
+    ca_file: Path | None = Field(default=None, alias="caFile")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Policy(Model):
+    """One scope's settings. Each setting left out falls back, on its own, to a wider scope."""
+
+    _extra_aliases: ClassVar[Mapping[str, str]] = MOMENTUM_KEYS
+
+    name: str = Field(min_length=1)
+    scope: Scope = Scope()
+    type: AuthType | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = Field(default=None, alias="passwordFile")
+    gateway: Endpoint | None = None
+    tls: TlsSettings | None = None
+    max_connections: int | None = Field(default=None, alias="maxConnections", ge=1, le=1000)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _type(cls, value: object) -> object:
+        return None if value is None else AuthType.parse(value)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> Policy:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or passwordFile, not both")
+        return self
+
+
+class Hooks(Model):
+    lua: tuple[Path, ...] = ()
+    python: tuple[str, ...] = ()
+    timeout_ms: int = Field(default=50, alias="timeoutMs", ge=1, le=10_000)
+
+    @field_validator("python")
+    @classmethod
+    def _python_refs(cls, refs: tuple[str, ...]) -> tuple[str, ...]:
+        for ref in refs:
+            if not _HOOK_REF.match(ref):
+                raise ValueError(f"{ref!r} is not of the form 'package.module:function'")
+        return refs
+
+
+class UpstreamSettings(Model):
+    connect_timeout_seconds: float = Field(default=10.0, alias="connectTimeoutSeconds", gt=0)
+    timeout_seconds: float = Field(default=60.0, alias="timeoutSeconds", gt=0)
+    idle_timeout_seconds: float = Field(default=30.0, alias="idleTimeoutSeconds", gt=0)
+    default_max_connections: int = Field(default=4, alias="defaultMaxConnections", ge=1, le=1000)
+
+
+class RelayConfig(Model):
+    listen: ListenConfig = ListenConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    default_binding: str = Field(default="default", alias="defaultBinding", min_length=1)
+    binding_header: str = Field(default="X-Binding", alias="bindingHeader", min_length=1)
+    binding_groups: dict[str, tuple[str, ...]] = Field(default_factory=dict, alias="bindingGroups")
+    policies: tuple[Policy, ...] = ()
+    hooks: Hooks = Hooks()
+    upstream: UpstreamSettings = UpstreamSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RelayConfig:
+        group_of: dict[str, str] = {}
+        for group, bindings in self.binding_groups.items():
+            for binding in bindings:
+                if binding in group_of:
+                    raise ValueError(
+                        f"bindingGroups: binding {binding!r} is in both {group_of[binding]!r} and {group!r}"
+                    )
+                group_of[binding] = group
+        names: set[str] = set()
+        scopes: dict[Scope, str] = {}
+        for i, policy in enumerate(self.policies):
+            where = f"policies[{i}] ({policy.name})"
+            if policy.name in names:
+                raise ValueError(f"{where}: name is used by an earlier policy")
+            names.add(policy.name)
+            if policy.scope in scopes:
+                raise ValueError(
+                    f"{where}: scope {policy.scope.describe()} is already taken by policy "
+                    f"{scopes[policy.scope]!r}"
+                )
+            scopes[policy.scope] = policy.name
+            wanted = policy.scope.binding_group
+            if wanted is not None and wanted not in self.binding_groups:
+                raise ValueError(f"{where}: scope.bindingGroup {wanted!r} is not declared in bindingGroups")
+        return self
+
+    @property
+    def group_of(self) -> dict[str, str]:
+        return {b: g for g, bindings in self.binding_groups.items() for b in bindings}
+
+    def policy(self, name: str) -> Policy:
+        for policy in self.policies:
+            if policy.name == name:
+                return policy
+        raise KeyError(name)
+
+
+def _location(loc: tuple[int | str, ...], data: Any) -> str:
+    """`policies[1] (mail/sparkpost): tls.mode` from pydantic's ('policies', 1, 'tls', 'mode')."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}]"]
+        else:
+            parts.append(item)
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+        if parts[0].startswith("policies[") and len(parts) == 1 and isinstance(node, Mapping):
+            name = node.get("name")
+            parts[0] += f" ({name})" if name else ""
+    head, *rest = parts
+    return f"{head}: {'.'.join(rest)}" if rest and head.startswith("policies[") else ".".join(parts)
+
+
+def format_validation_error(error: ValidationError, data: Any) -> str:
+    lines = []
+    for item in error.errors(include_url=False, include_input=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not part of relay.yaml; check its spelling)"
+        loc = tuple(item["loc"])
+        lines.append(f"{_location(loc, data)}: {message}" if loc else message)
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "relay.yaml") -> RelayConfig:
+    """Validate already-loaded YAML data; `ConfigError` lists every problem found."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return RelayConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source} is invalid:\n{format_validation_error(error, data)}") from None
+
+
+def read_password_files(config: RelayConfig, base_dir: Path) -> RelayConfig:
+    """Fill `password` from each `passwordFile` (relative paths are relative to the config file)."""
+    policies = []
+    for i, policy in enumerate(config.policies):
+        if policy.password_file is not None:
+            path = base_dir / policy.password_file
+            try:
+                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as error:
+                raise ConfigError(
+                    f"policies[{i}] ({policy.name}): passwordFile {str(path)!r} cannot be read: "
+                    f"{error.strerror}"
+                ) from None
+            policy = policy.model_copy(update={"password": SecretStr(secret)})
+        policies.append(policy)
+    return config.model_copy(update={"policies": tuple(policies)})
+
+
+def load_config(path: Path) -> RelayConfig:
+    """Read, parse and validate a relay.yaml, with its password files read in."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    config = parse_config(data, source=str(path))
+    return read_password_files(config, path.parent)
+
+
+def watched_files(config: RelayConfig, path: Path) -> tuple[Path, ...]:
+    """The files whose change means a reload: the config itself and every passwordFile."""
+    extra = [path.parent / p.password_file for p in config.policies if p.password_file is not None]
+    return (path, *extra)
+
+
+def fingerprint(paths: tuple[Path, ...]) -> str:
+    """A digest of the files' current bytes; reading through symlinks sees the kubelet's `..data` swap."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path).encode())
+        try:
+            digest.update(path.read_bytes())
+        except OSError as error:
+            digest.update(f"unreadable:{error.errno}".encode())
+    return digest.hexdigest()
+
+
+def dump_config(config: RelayConfig) -> dict[str, Any]:
+    """The config as relay.yaml data, passwords included: for the operator to render into a Secret."""
+
+    def reveal(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, dict):
+            return {k: reveal(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [reveal(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, StrEnum):
+            return value.value
+        return value
+
+    result: dict[str, Any] = reveal(config.model_dump(by_alias=True, exclude_none=True))
+    return result

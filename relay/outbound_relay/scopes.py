@@ -1,0 +1,190 @@
+"""Scope resolution in Momentum's documented fallback order, each setting falling back on its own.
+
+For recipient domain D on binding B (a member of binding group G), most specific first:
+1. D inside B, 2. D inside G, 3. B, 4. G, 5. D (global Domain stanza), 6. global.
+Within a level an exact domain beats a `*.example.com` wildcard, and a longer wildcard a shorter one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+from pydantic import SecretStr
+
+from outbound_relay.config import AuthType, Endpoint, Policy, RelayConfig, TlsSettings
+
+T = TypeVar("T")
+
+
+class Level(IntEnum):
+    DOMAIN_IN_BINDING = 1
+    DOMAIN_IN_BINDING_GROUP = 2
+    BINDING = 3
+    BINDING_GROUP = 4
+    DOMAIN = 5
+    GLOBAL = 6
+
+
+def level_of(policy: Policy) -> Level:
+    scope = policy.scope
+    if scope.domain:
+        if scope.binding:
+            return Level.DOMAIN_IN_BINDING
+        return Level.DOMAIN_IN_BINDING_GROUP if scope.binding_group else Level.DOMAIN
+    if scope.binding:
+        return Level.BINDING
+    return Level.BINDING_GROUP if scope.binding_group else Level.GLOBAL
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sourced(Generic[T]):
+    """A setting's value and where it came from: a policy's scope, or a hook's message context."""
+
+    value: T
+    source: str  # "policy mail/sparkpost (domain=sparkpost.com)", "hook", "default"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    """Everything needed to deliver one transaction upstream."""
+
+    domain: str
+    binding: str
+    type: Sourced[AuthType] | None
+    user: Sourced[str] | None
+    password: Sourced[SecretStr] | None
+    gateway: Sourced[Endpoint] | None
+    tls: Sourced[TlsSettings]
+    max_connections: Sourced[int]
+
+    def with_overrides(self, *, type: str | None, user: str | None, password: str | None) -> Route:
+        """Apply a hook's message-context values (`outbound_smtp_auth_*`), which beat every scope."""
+        return replace(
+            self,
+            type=Sourced(value=AuthType.parse(type), source="hook") if type is not None else self.type,
+            user=Sourced(value=user, source="hook") if user is not None else self.user,
+            password=Sourced(value=SecretStr(password), source="hook")
+            if password is not None
+            else self.password,
+        )
+
+    def identity(self) -> str:
+        """Who we authenticate as; a digest, so a pool key never carries the secret itself."""
+        digest = hashlib.sha256()
+        for part in (
+            self.type.value if self.type else "",
+            self.user.value if self.user else "",
+            self.password.value.get_secret_value() if self.password else "",
+        ):
+            digest.update(part.encode() + b"\0")
+        return digest.hexdigest()[:16]
+
+
+def _describe(policy: Policy) -> str:
+    return f"policy {policy.name} ({policy.scope.describe()})"
+
+
+def _domain_matches(pattern: str, domain: str) -> bool:
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:])
+    return pattern == domain
+
+
+def _specificity(pattern: str) -> tuple[int, int]:
+    """Exact first, then wildcards, longest (most specific) first."""
+    return (1, -len(pattern)) if pattern.startswith("*.") else (0, 0)
+
+
+class ScopeIndex:
+    """The policies of one config generation, indexed for lookups; results are cached per (domain, binding)
+    since a sidecar sees few distinct pairs and the config is immutable."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self._group_of = config.group_of
+        self._by_level: dict[Level, list[Policy]] = {level: [] for level in Level}
+        for policy in config.policies:
+            self._by_level[level_of(policy)].append(policy)
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._signatures: dict[str, tuple[str, ...]] = {}
+        # Without a gateway on the global policy, some routes may have none; keep those domains apart.
+        self._domains_always_split = not any(p.gateway is not None for p in self._by_level[Level.GLOBAL])
+
+    def chain(self, domain: str, binding: str) -> list[Policy]:
+        """Every policy that applies to (domain, binding), most specific first."""
+        domain = domain.lower().rstrip(".")
+        group = self._group_of.get(binding)
+
+        def domain_policies(
+            level: Level, *, binding: str | None = None, group: str | None = None
+        ) -> list[Policy]:
+            found = [
+                p
+                for p in self._by_level[level]
+                if p.scope.domain is not None
+                and _domain_matches(p.scope.domain, domain)
+                and p.scope.binding == binding
+                and p.scope.binding_group == group
+            ]
+            return sorted(found, key=lambda p: _specificity(p.scope.domain or ""))
+
+        chain = domain_policies(Level.DOMAIN_IN_BINDING, binding=binding)
+        if group is not None:
+            chain += domain_policies(Level.DOMAIN_IN_BINDING_GROUP, group=group)
+        chain += [p for p in self._by_level[Level.BINDING] if p.scope.binding == binding]
+        if group is not None:
+            chain += [p for p in self._by_level[Level.BINDING_GROUP] if p.scope.binding_group == group]
+        chain += domain_policies(Level.DOMAIN)
+        chain += self._by_level[Level.GLOBAL]
+        return chain
+
+    def route(self, domain: str, binding: str) -> Route:
+        key = (domain.lower().rstrip("."), binding)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._resolve(*key)
+            self._routes[key] = route
+        return route
+
+    def _resolve(self, domain: str, binding: str) -> Route:
+        chain = self.chain(domain, binding)
+
+        def first(setting: Callable[[Policy], T | None]) -> Sourced[T] | None:
+            for policy in chain:
+                value = setting(policy)
+                if value is not None:
+                    return Sourced(value=value, source=_describe(policy))
+            return None
+
+        return Route(
+            domain=domain,
+            binding=binding,
+            type=first(lambda p: p.type),
+            user=first(lambda p: p.user),
+            password=first(lambda p: p.password),
+            gateway=first(lambda p: p.gateway),
+            tls=first(lambda p: p.tls) or Sourced(value=TlsSettings(), source="default"),
+            max_connections=first(lambda p: p.max_connections)
+            or Sourced(value=self.config.upstream.default_max_connections, source="default"),
+        )
+
+    def signature(self, domain: str) -> tuple[str, ...]:
+        """Recipients whose domains share a signature resolve alike for every binding and hook, so they
+        can share one upstream transaction."""
+        domain = domain.lower().rstrip(".")
+        found = self._signatures.get(domain)
+        if found is None:
+            found = tuple(
+                p.name
+                for level in (Level.DOMAIN_IN_BINDING, Level.DOMAIN_IN_BINDING_GROUP, Level.DOMAIN)
+                for p in self._by_level[level]
+                if p.scope.domain is not None and _domain_matches(p.scope.domain, domain)
+            )
+            if self._domains_always_split:
+                found = (*found, f"domain:{domain}")
+            self._signatures[domain] = found
+        return found

@@ -1,0 +1,94 @@
+"""What the peers share: loopback ports, a directory daemons can read, readiness and clean stops."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+class PeerError(RuntimeError):
+    """A peer did not start or stop; the message carries the tail of its log."""
+
+
+def peer_binaries_missing(*names: str) -> list[str]:
+    """The names (absolute paths or commands on PATH) that are not installed."""
+    return [name for name in names if not (os.access(name, os.X_OK) or shutil.which(name))]
+
+
+def free_port() -> int:
+    # The kernel picks a free port; it could be taken again before the daemon binds it, but on a
+    # test machine's loopback that race is theoretical, and readiness checks would catch it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def shared_workdir(prefix: str = "outbound-relay-peer-") -> Iterator[Path]:
+    """A fresh directory under the system temp dir, mode 0755, removed afterwards.
+
+    Daemons drop privileges (dovecot, dovenull, postfix users) and then read config, keys and
+    sockets under it; `mktemp -d` and pytest's tmp_path are 0700 and would lock them out.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for_banner(port: int, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> str:
+    """Wait until 127.0.0.1:port greets with a complete 220 reply; return it."""
+    deadline = time.monotonic() + timeout
+    last_error = "no attempt"
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise PeerError(f"process exited with {alive.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as sock:
+                banner = sock.recv(512).decode(errors="replace")
+                if banner.startswith("220 "):
+                    sock.sendall(b"QUIT\r\n")
+                    return banner.strip()
+                last_error = f"unexpected greeting {banner!r}"
+        except OSError as exc:
+            last_error = str(exc)
+        time.sleep(0.05)
+    raise PeerError(f"nothing answered 220 on {HOST}:{port} within {timeout}s ({last_error})")
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM a daemon started with start_new_session=True, then SIGKILL whatever is left of its group.
+
+    The master process stops its children on SIGTERM; the group kill is the guarantee that no helper
+    (auth, login, smtpd) outlives the test run if the master died first.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,229 @@
+"""Dovecot's submission service (Debian dovecot-submissiond) as a real upstream: STARTTLS required,
+then AUTH PLAIN / LOGIN against a passwd-file, or XOAUTH2 against the `oauth2` passdb validating
+HS256 JWTs locally. Accepted mail is relayed to a `RecordingSink`.
+
+    with DovecotSubmission() as dovecot:
+        ... aiosmtplib.SMTP(hostname=dovecot.host, port=dovecot.port, ...) ...
+        token = dovecot.make_token("alice")
+        assert len(dovecot.sink.wait_for(1)) == 1
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import pwd
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import jwt
+
+from tests.peers.certs import TLSFiles, make_tls_files
+from tests.peers.common import (
+    HOST,
+    PeerError,
+    free_port,
+    log_tail,
+    shared_workdir,
+    stop_process_group,
+    wait_for_banner,
+)
+from tests.peers.sink import ReceivedMessage, RecordingSink
+
+DOVECOT = "/usr/sbin/dovecot"
+DEFAULT_USERS = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret"}
+DH_PARAMS = Path("/usr/share/dovecot/dh.pem")
+
+
+class DovecotSubmission:
+    """One private Dovecot instance (own base_dir, state, logs) on a free 127.0.0.1 port."""
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        tls: TLSFiles | None = None,
+        *,
+        users: dict[str, str] | None = None,
+        port: int | None = None,
+        max_userip_connections: int = 100,
+        auth_failure_delay: str = "0",
+        startup_timeout: float = 20,
+    ) -> None:
+        self.host = HOST
+        self.port = port or free_port()
+        self.users = dict(users or DEFAULT_USERS)
+        # Real Dovecot sleeps 2 s before a failed AUTH reply; tests of failures don't need to wait.
+        self._auth_failure_delay = auth_failure_delay
+        self._max_userip_connections = max_userip_connections
+        self._startup_timeout = startup_timeout
+        self._workdir_arg = workdir
+        self._tls_arg = tls
+        self._hs256_key = secrets.token_bytes(32)
+        self._stack = contextlib.ExitStack()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.sink = RecordingSink()
+        self.dir = Path()  # set by start()
+        self.tls: TLSFiles | None = None
+
+    # -- what tests use -------------------------------------------------------------------------
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.tls is not None, "not started"
+        return self.tls.ca_file
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        """What Dovecot relayed to the sink so far."""
+        return self.sink.messages
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "dovecot.log"
+
+    def make_token(
+        self, user: str, *, expired: bool = False, key: bytes | None = None, lifetime: int = 3600
+    ) -> str:
+        """A bearer token Dovecot accepts for `user` (its `sub`); `expired` or a foreign `key` make one
+        it must refuse."""
+        now = int(time.time())
+        exp = now - 60 if expired else now + lifetime
+        iat = exp - lifetime if expired else now
+        claims = {"sub": user, "iat": iat, "nbf": iat, "exp": exp}
+        return jwt.encode(claims, key or self._hs256_key, algorithm="HS256")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def __enter__(self) -> DovecotSubmission:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        base = self._workdir_arg or self._stack.enter_context(shared_workdir("outbound-relay-dovecot-"))
+        self.tls = self._tls_arg or make_tls_files(base / "tls")
+        self.dir = base / f"dovecot-{self.port}"
+        self.dir.mkdir(mode=0o755, parents=True)
+        self._stack.enter_context(self.sink)
+        conf = self._write_config()
+        output = self._stack.enter_context((self.dir / "stderr.log").open("wb"))
+        # -F: stay in the foreground, so this Popen is the master and stop() can end it.
+        self._proc = subprocess.Popen(
+            [DOVECOT, "-F", "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_banner(self.port, self._startup_timeout, alive=self._proc)
+        except PeerError as exc:
+            raise PeerError(
+                f"Dovecot did not start: {exc}\n--- stderr:\n{log_tail(self.dir / 'stderr.log')}"
+                f"\n--- log:\n{log_tail(self.log_file)}"
+            ) from None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process_group(self._proc)
+            self._proc = None
+        self._stack.close()
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def _write_config(self) -> Path:
+        assert self.tls is not None
+        d = self.dir
+        for sub in ("run", "state"):
+            (d / sub).mkdir(mode=0o755)
+        # Dovecot itself needs its internal users; as non-root it can only be the current user.
+        if os.geteuid() == 0:
+            internal_user, login_user = "dovecot", "dovenull"
+        else:
+            internal_user = login_user = pwd.getpwuid(os.geteuid()).pw_name
+        internal = pwd.getpwnam(internal_user)
+        mail_uid, mail_gid = internal.pw_uid, internal.pw_gid
+
+        (d / "users").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
+        # The oauth2 passdb's local validation looks keys up as <azp>/<alg>/<kid>; tokens without
+        # azp / kid use "default". The file holds the HMAC key base64-encoded.
+        key_file = d / "keys" / "default" / "HS256" / "default"
+        key_file.parent.mkdir(mode=0o755, parents=True)
+        key_file.write_text(base64.b64encode(self._hs256_key).decode())
+        (d / "oauth2.conf").write_text(
+            "introspection_mode = local\n"
+            f"local_validation_key_dict = fs:posix:prefix={d}/keys/\n"
+            "username_attribute = sub\n"
+        )
+        for path in (d / "users", key_file, d / "oauth2.conf"):
+            path.chmod(0o644)  # read by the auth process as the dovecot user
+
+        dh = f"ssl_dh = <{DH_PARAMS}\n" if DH_PARAMS.exists() else ""
+        conf = d / "dovecot.conf"
+        conf.write_text(f"""\
+# Written by tests/peers/dovecot.py: a self-contained instance, nothing from /etc/dovecot.
+instance_name = outbound-relay-test-{self.port}
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+default_internal_user = {internal_user}
+default_login_user = {login_user}
+protocols = submission
+listen = {HOST}
+hostname = localhost
+
+ssl = required
+ssl_cert = <{self.tls.cert_file}
+ssl_key = <{self.tls.key_file}
+{dh}disable_plaintext_auth = yes
+auth_mechanisms = plain login xoauth2
+auth_failure_delay = {self._auth_failure_delay}
+auth_verbose = yes
+# The relay pools connections per user; Dovecot's default cap of 10 per user+IP would bite.
+mail_max_userip_connections = {self._max_userip_connections}
+# The static userdb below runs sessions as a system user, below the default floor of 500.
+first_valid_uid = {mail_uid}
+
+passdb {{
+  driver = passwd-file
+  mechanisms = plain login
+  args = scheme=PLAIN {d}/users
+}}
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {d}/oauth2.conf
+}}
+userdb {{
+  driver = static
+  args = uid={mail_uid} gid={mail_gid} home={d}/state
+}}
+
+submission_relay_host = {self.sink.host}
+submission_relay_port = {self.sink.port}
+submission_relay_ssl = no
+service submission-login {{
+  inet_listener submission {{
+    address = {HOST}
+    port = {self.port}
+  }}
+}}
+""")
+        conf.chmod(0o644)
+        return conf
