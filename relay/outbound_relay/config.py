@@ -59,9 +59,8 @@ class Model(BaseModel):
             return data
         known: dict[str, str] = {}
         for name, field in cls.model_fields.items():
-            known[_fold(name)] = name
-            if field.alias:
-                known[_fold(field.alias)] = name
+            # The documented (camelCase) spelling, so that errors name the key as the user wrote it.
+            known[_fold(name)] = known[_fold(field.alias or name)] = field.alias or name
         for alias, name in cls._extra_aliases.items():
             known[_fold(alias)] = name
         out: dict[str, Any] = {}
@@ -85,7 +84,7 @@ class ListenConfig(Endpoint):
     credentials, and the sidecar shares the Pod's network namespace with the app."""
 
     host: str = "127.0.0.1"
-    port: int = Field(default=2525, ge=1, le=65535)
+    port: int = Field(default=2525, ge=0, le=65535)  # 0: any free port (tests)
 
     @field_validator("host")
     @classmethod
@@ -105,7 +104,8 @@ class ListenConfig(Endpoint):
 
 class MetricsConfig(Endpoint):
     host: str = "0.0.0.0"
-    port: int = Field(default=9425, ge=0, le=65535)  # 0 turns the endpoint off
+    port: int = Field(default=9425, ge=0, le=65535)  # 0: any free port
+    enabled: bool = True
 
 
 class Scope(Model):

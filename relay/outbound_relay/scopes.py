@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from outbound_relay.config import AuthType, Endpoint, Policy, RelayConfig, TlsSettings
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class Level(IntEnum):
@@ -41,10 +42,10 @@ def level_of(policy: Policy) -> Level:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Sourced(Generic[T]):
+class Sourced(Generic[T_co]):
     """A setting's value and where it came from: a policy's scope, or a hook's message context."""
 
-    value: T
+    value: T_co
     source: str  # "policy mail/sparkpost (domain=sparkpost.com)", "hook", "default"
 
 

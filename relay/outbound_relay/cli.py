@@ -1,0 +1,186 @@
+"""`outbound-relay serve | check | explain | import-momentum`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from outbound_relay.config import ConfigError, load_config
+from outbound_relay.delivery import Generation
+from outbound_relay.redaction import REDACTED, SecretRedactor
+from outbound_relay.scopes import Route, ScopeIndex, Sourced, level_of
+
+log = logging.getLogger("outbound_relay")
+
+
+def _setup_logging(level: str) -> SecretRedactor:
+    redactor = SecretRedactor()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(redactor)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    return redactor
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from outbound_relay.server import RelayServer
+
+    redactor = _setup_logging(args.log_level)
+    try:
+        generation = Generation.load(args.config)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+    server = RelayServer(
+        generation, config_path=args.config, reload_interval=args.reload_interval, redactor=redactor
+    )
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("signal received: no new connections; finishing transactions in flight")
+    await server.stop(grace_seconds=args.shutdown_timeout)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        generation = Generation.load(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    config = generation.config
+    print(f"{args.config}: ok, {len(config.policies)} policies, generation {generation.short_digest}")
+    return 0
+
+
+def _show(setting: Sourced[object] | None, render: str | None = None) -> tuple[str, str]:
+    if setting is None:
+        return "(not set)", "-"
+    return (render if render is not None else str(setting.value)), setting.source
+
+
+def explain_route(index: ScopeIndex, rcpt: str, binding: str | None) -> str:
+    """What `explain` prints: each setting, its value (secrets redacted) and the scope it came from."""
+    config = index.config
+    domain = rcpt.rpartition("@")[2]
+    binding = binding or config.default_binding
+    route: Route = index.route(domain, binding)
+    group = config.group_of.get(binding)
+    lines = [f"recipient domain {route.domain}, binding {binding}, binding group {group or '(none)'}"]
+    tls = route.tls.value
+    rows = [
+        ("type", _show(route.type)),
+        ("user", _show(route.user)),
+        ("password", _show(route.password, REDACTED)),
+        (
+            "gateway",
+            _show(
+                route.gateway,
+                f"{route.gateway.value.host}:{route.gateway.value.port}" if route.gateway else None,
+            ),
+        ),
+        (
+            "tls",
+            _show(
+                route.tls,
+                f"mode={tls.mode.value} verify={str(tls.verify).lower()}"
+                + (f" caFile={tls.ca_file}" if tls.ca_file else ""),
+            ),
+        ),
+        ("maxConnections", _show(route.max_connections)),
+    ]
+    for name, (value, source) in rows:
+        lines.append(f"  {name:<15} {value:<32} from {source}")
+    chain = index.chain(domain, binding)
+    lines.append("scopes consulted, most specific first:")
+    lines += [f"  {level_of(p).value}. {p.name} ({p.scope.describe()})" for p in chain] or ["  (none)"]
+    if route.type is None:
+        lines.append("no scope sets type: mail on this route is sent without AUTH")
+    return "\n".join(lines)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    if "@" not in args.rcpt:
+        print(f"--rcpt {args.rcpt!r}: expected an address like user@example.com", file=sys.stderr)
+        return 2
+    print(explain_route(ScopeIndex(config), args.rcpt, args.binding))
+    return 0
+
+
+def _import_momentum(args: argparse.Namespace) -> int:
+    from outbound_relay.momentum_import import MomentumImportError, convert
+
+    try:
+        text = args.file.read_text(encoding="utf-8")
+        output = convert(
+            text, source=str(args.file), namespace=args.namespace, relay_config=args.relay_config
+        )
+    except OSError as error:
+        print(f"{args.file}: cannot be read: {error.strerror}", file=sys.stderr)
+        return 2
+    except MomentumImportError as error:
+        print(error, file=sys.stderr)
+        return 2
+    sys.stdout.write(output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbound-relay", description="SMTP relay sidecar that authenticates outbound mail per scope."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the relay")
+    serve.add_argument("--config", type=Path, required=True, help="relay.yaml")
+    serve.add_argument("--reload-interval", type=float, default=1.0, help="seconds between config checks (1)")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=25.0,
+        help="seconds to let transactions finish on SIGTERM (25)",
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=lambda a: asyncio.run(_serve(a)))
+
+    check = commands.add_parser("check", help="validate a relay.yaml (and its hooks) and exit")
+    check.add_argument("--config", type=Path, required=True)
+    check.set_defaults(run=_check)
+
+    explain = commands.add_parser("explain", help="show which scope gives each setting for a recipient")
+    explain.add_argument("--config", type=Path, required=True)
+    explain.add_argument("--rcpt", required=True, help="recipient address")
+    explain.add_argument("--binding", help="binding of the message (default: defaultBinding)")
+    explain.set_defaults(run=_explain)
+
+    imp = commands.add_parser("import-momentum", help="convert ecelerity.conf stanzas to Kubernetes YAML")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--namespace", default="default")
+    imp.add_argument("--relay-config", action="store_true", help="emit a relay.yaml instead")
+    imp.set_defaults(run=_import_momentum)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

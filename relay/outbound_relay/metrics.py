@@ -1,0 +1,92 @@
+"""Prometheus metrics (prefix `outbound_relay_`). Labels are bounded enums: never addresses or users."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class MessageResult(StrEnum):
+    DELIVERED = "delivered"  # the upstream answered 250 to DATA
+    DEFERRED = "deferred"  # we or the upstream answered 4xx: the client keeps the message and retries
+    REJECTED = "rejected"  # the upstream answered 5xx
+
+
+class AuthResult(StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"  # the upstream refused the credentials (535 and kin)
+    ERROR = "error"  # no verdict: connection lost, timeout, mechanism not offered
+
+
+class RelayMetrics:
+    """One registry per relay, so several relays (tests) can live in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.messages = Counter(
+            "outbound_relay_messages",
+            "Messages by outcome, as answered to the client.",
+            ["result"],
+            registry=r,
+        )
+        self.auth_attempts = Counter(
+            "outbound_relay_auth_attempts",
+            "AUTH exchanges with upstream servers.",
+            ["mechanism", "result"],
+            registry=r,
+        )
+        self.plaintext_auth = Counter(
+            "outbound_relay_plaintext_auth",
+            "AUTH sent without TLS because a policy says tls.mode: none.",
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            "outbound_relay_delivery_duration_seconds",
+            "From the end of the client's DATA to the upstream's reply.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.upstream_connections = Gauge(
+            "outbound_relay_upstream_connections",
+            "Open upstream connections, idle in the pool or busy with a transaction.",
+            ["state"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "outbound_relay_config_reloads",
+            "Config loads after start-up, by outcome.",
+            ["result"],
+            registry=r,
+        )
+        self.hook_errors = Counter(
+            "outbound_relay_hook_errors",
+            "Hooks that failed or ran past their deadline.",
+            ["kind"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "outbound_relay_config_info",
+            "The config generation in force (a digest of relay.yaml), always 1.",
+            ["generation"],
+            registry=r,
+        )
+        for result in MessageResult:
+            self.messages.labels(result=result.value)
+        for state in ("idle", "busy"):
+            self.upstream_connections.labels(state=state)
+        for outcome in ("success", "failure"):
+            self.config_reloads.labels(result=outcome)
+        for kind in ("error", "timeout"):
+            self.hook_errors.labels(kind=kind)
+        self._generation: str | None = None
+
+    def set_generation(self, generation: str) -> None:
+        if self._generation is not None:
+            self.config_info.remove(self._generation)
+        self._generation = generation
+        self.config_info.labels(generation=generation).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

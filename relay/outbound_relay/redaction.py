@@ -1,0 +1,43 @@
+"""Defence in depth for "secrets never reach logs": whatever a log line says, the passwords and tokens
+of the config in force are replaced by `***` before any handler writes it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+REDACTED = "***"
+# Shorter values would blank out ordinary words; they are still never logged on purpose.
+MIN_SECRET_LENGTH = 4
+
+
+class SecretRedactor(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: tuple[str, ...] = ()
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        found = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+        self._secrets = tuple(sorted(found, key=len, reverse=True))
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        self.set_secrets((*self._secrets, *secrets))
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = record.getMessage()
+            redacted = self.redact(message)
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self.redact(record.exc_text)
+            if redacted != message:
+                record.msg, record.args = redacted, None
+        return True

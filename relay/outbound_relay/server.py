@@ -1,0 +1,190 @@
+"""The running relay: the loopback SMTP listener, the upstream pool, the metrics endpoint, hot reload
+and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+from prometheus_client import start_http_server
+
+from outbound_relay.config import ConfigError, fingerprint
+from outbound_relay.delivery import Generation, RelayHandler
+from outbound_relay.metrics import RelayMetrics
+from outbound_relay.redaction import SecretRedactor
+from outbound_relay.upstream import UpstreamPool
+
+log = logging.getLogger(__name__)
+
+# RFC 5321 4.5.3.1.7 asks for at least 64 KiB; mail with attachments needs far more.
+DATA_SIZE_LIMIT = 50 * 1024 * 1024
+
+
+class RelayServer:
+    def __init__(
+        self,
+        generation: Generation,
+        *,
+        config_path: Path | None = None,
+        reload_interval: float = 1.0,
+        redactor: SecretRedactor | None = None,
+    ) -> None:
+        self.metrics = RelayMetrics()
+        self.config_path = config_path
+        self.reload_interval = reload_interval
+        self.redactor = redactor
+        upstream = generation.config.upstream
+        self.pool = UpstreamPool(
+            self.metrics,
+            local_hostname=socket.gethostname(),  # not getfqdn(): that may wait on DNS for every connection
+            connect_timeout=upstream.connect_timeout_seconds,
+            timeout=upstream.timeout_seconds,
+            idle_timeout=upstream.idle_timeout_seconds,
+        )
+        self.handler = RelayHandler(generation, self.pool, self.metrics)
+        self._apply(generation)
+        self._smtp_server: asyncio.Server | None = None
+        self._sessions: set[SMTP] = set()
+        self._metrics_server: Any = None
+        self._reloader: asyncio.Task[None] | None = None
+        self._rejected_digest: str | None = None
+
+    @property
+    def generation(self) -> Generation:
+        return self.handler.generation
+
+    @property
+    def port(self) -> int:
+        assert self._smtp_server is not None
+        port: int = self._smtp_server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._metrics_server is None else int(self._metrics_server.server_port)
+
+    def _apply(self, generation: Generation) -> None:
+        self.handler.generation = generation
+        upstream = generation.config.upstream
+        self.pool.configure(
+            connect_timeout=upstream.connect_timeout_seconds,
+            timeout=upstream.timeout_seconds,
+            idle_timeout=upstream.idle_timeout_seconds,
+        )
+        self.metrics.set_generation(generation.short_digest)
+        if self.redactor is not None:
+            self.redactor.set_secrets(
+                p.password.get_secret_value() for p in generation.config.policies if p.password is not None
+            )
+
+    def _new_session(self) -> SMTP:
+        session = _TrackedSMTP(
+            self.handler,
+            hostname=socket.gethostname(),
+            ident="outbound-relay",
+            decode_data=False,
+            data_size_limit=DATA_SIZE_LIMIT,
+            enable_SMTPUTF8=True,
+            close_on=self._sessions,
+        )
+        self._sessions.add(session)
+        return session
+
+    async def start(self) -> None:
+        config = self.generation.config
+        loop = asyncio.get_running_loop()
+        self._smtp_server = await loop.create_server(
+            self._new_session, config.listen.host, config.listen.port
+        )
+        if config.metrics.enabled:
+            server, _thread = start_http_server(
+                config.metrics.port, addr=config.metrics.host, registry=self.metrics.registry
+            )
+            self._metrics_server = server
+        if self.config_path is not None:
+            self._reloader = loop.create_task(self._watch(), name="config-reloader")
+        log.info(
+            "relay listening on %s:%d with %d policies (config %s), metrics on %s:%s",
+            config.listen.host,
+            self.port,
+            len(config.policies),
+            self.generation.short_digest,
+            config.metrics.host,
+            self.metrics_port,
+        )
+
+    async def _watch(self) -> None:
+        """Poll the config and password files: cheap for a few small files, and it sees the kubelet's
+        atomic `..data` symlink swap, which inotify on the file itself would miss."""
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            digest = await asyncio.to_thread(fingerprint, self.generation.files)
+            if digest in (self.generation.digest, self._rejected_digest):
+                continue
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Load the config file anew; on any error keep the config in force and count the failure."""
+        assert self.config_path is not None
+        try:
+            generation = await asyncio.to_thread(Generation.load, self.config_path)
+        except ConfigError as error:
+            self._rejected_digest = await asyncio.to_thread(fingerprint, self.generation.files)
+            self.metrics.config_reloads.labels(result="failure").inc()
+            log.error("config reload rejected, keeping config %s: %s", self.generation.short_digest, error)
+            return False
+        self._rejected_digest = None
+        old = self.generation.config
+        if (old.listen, old.metrics) != (generation.config.listen, generation.config.metrics):
+            log.warning("listen and metrics addresses change only on restart; the new ones wait until then")
+        self._apply(generation)
+        self.metrics.config_reloads.labels(result="success").inc()
+        log.info(
+            "config reloaded: generation %s, %d policies",
+            generation.short_digest,
+            len(generation.config.policies),
+        )
+        return True
+
+    async def stop(self, grace_seconds: float = 25.0) -> None:
+        """Stop accepting, let transactions in flight finish (bounded), then close everything."""
+        if self._reloader is not None:
+            self._reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloader
+        if self._smtp_server is not None:
+            self._smtp_server.close()
+        try:
+            await asyncio.wait_for(self.handler.idle.wait(), grace_seconds)
+        except TimeoutError:
+            log.warning(
+                "%d transaction(s) still open after %gs; closing them", self.handler.in_flight, grace_seconds
+            )
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        if self._smtp_server is not None:
+            await self._smtp_server.wait_closed()
+        await self.pool.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("relay stopped")
+
+
+class _TrackedSMTP(SMTP):
+    """An aiosmtpd session that leaves the server's set when its connection ends."""
+
+    def __init__(self, *args: Any, close_on: set[SMTP], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._close_on = close_on
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close_on.discard(self)
+        super().connection_lost(exc)

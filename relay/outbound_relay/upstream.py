@@ -1,0 +1,288 @@
+"""Authenticated upstream sessions, pooled per (host, port, tls, identity).
+
+A pooled session carries many transactions, so the TLS handshake and AUTH are paid once per connection
+instead of once per message. A connection that errs is closed, never handed out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import aiosmtplib
+
+from outbound_relay.config import AuthType, TlsMode, TlsSettings
+from outbound_relay.errors import RouteMisconfigured, UpstreamAuthFailed, UpstreamUnavailable
+from outbound_relay.metrics import AuthResult, RelayMetrics
+from outbound_relay.scopes import Route
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamKey(NamedTuple):
+    host: str
+    port: int
+    tls_mode: TlsMode
+    verify: bool
+    ca_file: Path | None
+    identity: str  # a digest of mechanism, user and password (Route.identity)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(eq=False)
+class UpstreamConnection:
+    key: UpstreamKey
+    smtp: aiosmtplib.SMTP
+    reused: bool = False
+    broken: bool = False  # set by whoever saw it err: it is closed, not pooled
+    closed: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Slot:
+    limit: asyncio.Semaphore  # maxConnections of the route
+    idle: list[UpstreamConnection] = field(default_factory=list)
+    users: int = 0  # tasks holding or waiting for a connection; the slot is dropped only at 0
+
+
+def route_key(route: Route) -> UpstreamKey:
+    if route.gateway is None:
+        raise RouteMisconfigured(
+            f"no gateway for domain {route.domain} on binding {route.binding}: "
+            "set gateway in a policy of this scope or a wider one"
+        )
+    gateway, tls = route.gateway.value, route.tls.value
+    return UpstreamKey(gateway.host, gateway.port, tls.mode, tls.verify, tls.ca_file, route.identity())
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        metrics: RelayMetrics,
+        *,
+        local_hostname: str,
+        connect_timeout: float,
+        timeout: float,
+        idle_timeout: float,
+    ) -> None:
+        self.metrics = metrics
+        self.local_hostname = local_hostname
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self._slots: dict[UpstreamKey, _Slot] = {}
+        self._tls_contexts: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
+        self._open = 0
+        self._reaper: asyncio.Task[None] | None = None
+
+    def configure(self, *, connect_timeout: float, timeout: float, idle_timeout: float) -> None:
+        """Take new timeouts from a reloaded config; open connections keep working."""
+        self.connect_timeout, self.timeout, self.idle_timeout = connect_timeout, timeout, idle_timeout
+
+    @contextlib.asynccontextmanager
+    async def session(self, route: Route, *, fresh: bool = False) -> AsyncIterator[UpstreamConnection]:
+        """An authenticated connection for `route`, returned to the pool afterwards unless it broke."""
+        key = route_key(route)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = _Slot(asyncio.Semaphore(route.max_connections.value))
+        self._start_reaper()
+        slot.users += 1
+        try:
+            try:
+                await asyncio.wait_for(slot.limit.acquire(), self.timeout)
+            except TimeoutError:
+                raise UpstreamUnavailable(
+                    f"all {route.max_connections.value} connections to {key} "
+                    f"stayed busy for {self.timeout:g}s"
+                ) from None
+            try:
+                conn = await self._take_idle(slot, fresh=fresh) or await self._connect(key, route)
+                self._gauge()
+                try:
+                    yield conn
+                except BaseException:
+                    conn.broken = True
+                    raise
+                finally:
+                    if conn.broken or not conn.smtp.is_connected:
+                        await self._close(conn)
+                    else:
+                        conn.last_used = time.monotonic()
+                        slot.idle.append(conn)
+                    self._gauge()
+            finally:
+                slot.limit.release()
+        finally:
+            slot.users -= 1
+
+    async def _take_idle(self, slot: _Slot, *, fresh: bool) -> UpstreamConnection | None:
+        now = time.monotonic()
+        while slot.idle:
+            conn = slot.idle.pop()  # the most recently used is the least likely to have been dropped
+            if not fresh and conn.smtp.is_connected and now - conn.last_used < self.idle_timeout:
+                conn.reused = True
+                return conn
+            await self._close(conn)
+        return None
+
+    def _tls_context(self, tls: TlsSettings) -> ssl.SSLContext:
+        cache_key = (tls.verify, tls.ca_file)
+        context = self._tls_contexts.get(cache_key)
+        if context is None:
+            try:
+                context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+            except (OSError, ssl.SSLError) as error:
+                raise RouteMisconfigured(f"tls.caFile {tls.ca_file} cannot be used: {error}") from None
+            if not tls.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls_contexts[cache_key] = context
+        return context
+
+    async def _connect(self, key: UpstreamKey, route: Route) -> UpstreamConnection:
+        tls = route.tls.value
+        context = None if tls.mode is TlsMode.NONE else self._tls_context(tls)
+        smtp = aiosmtplib.SMTP(
+            hostname=key.host,
+            port=key.port,
+            local_hostname=self.local_hostname,
+            timeout=self.timeout,
+            use_tls=tls.mode is TlsMode.IMPLICIT,
+            start_tls=False,
+            tls_context=context,
+        )
+        self._open += 1
+        conn = UpstreamConnection(key=key, smtp=smtp)
+        try:
+            await self._handshake(conn, route, context)
+        except BaseException:
+            await self._close(conn)
+            raise
+        return conn
+
+    async def _handshake(
+        self, conn: UpstreamConnection, route: Route, context: ssl.SSLContext | None
+    ) -> None:
+        smtp, key, mode = conn.smtp, conn.key, route.tls.value.mode
+        try:
+            await smtp.connect(timeout=self.connect_timeout)
+            await smtp.ehlo()
+            if mode is TlsMode.STARTTLS:
+                if not smtp.supports_extension("starttls"):
+                    raise UpstreamAuthFailed(
+                        f"upstream {key} does not offer STARTTLS and tls.mode is starttls; "
+                        "refusing to send mail or credentials in clear"
+                    )
+                await smtp.starttls(tls_context=context)
+                await smtp.ehlo()  # RFC 3207: forget what was learnt before TLS; AUTH is offered anew
+        except ssl.SSLError as error:
+            raise UpstreamUnavailable(f"TLS with upstream {key} failed: {error.reason or error}") from None
+        except aiosmtplib.SMTPResponseException as error:
+            raise UpstreamUnavailable(
+                f"upstream {key} refused the session: {error.code} {error.message}"
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as error:
+            raise UpstreamUnavailable(f"cannot reach upstream {key}: {_reason(error)}") from None
+        if route.type is not None:
+            await self._authenticate(conn, route)
+
+    async def _authenticate(self, conn: UpstreamConnection, route: Route) -> None:
+        assert route.type is not None
+        mechanism = route.type.value
+        where = f"upstream {conn.key} (AUTH {mechanism} as set by {route.type.source})"
+        if route.user is None or route.password is None:
+            missing = "user" if route.user is None else "password"
+            raise RouteMisconfigured(
+                f"AUTH {mechanism} from {route.type.source} needs a {missing}, and no scope gives one"
+            )
+        smtp = conn.smtp
+        if mechanism.lower() not in smtp.server_auth_methods:
+            self.metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
+            offered = " ".join(smtp.server_auth_methods).upper() or "no AUTH at all"
+            raise UpstreamAuthFailed(f"{where} does not offer it; it offers {offered}")
+        if route.tls.value.mode is TlsMode.NONE:
+            self.metrics.plaintext_auth.inc()
+            log.warning("sending AUTH %s to %s without TLS, as tls.mode: none says", mechanism, conn.key)
+        user, secret = route.user.value, route.password.value.get_secret_value()
+        try:
+            if mechanism is AuthType.PLAIN:
+                await smtp.auth_plain(user, secret)
+            elif mechanism is AuthType.LOGIN:
+                await smtp.auth_login(user, secret)
+            else:
+                await smtp.auth_xoauth2(user, secret)
+        except aiosmtplib.SMTPAuthenticationError as error:
+            self.metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.FAILURE).inc()
+            raise UpstreamAuthFailed(
+                f"authentication to {where} failed: {error.code} {_one_line(error.message)}"
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as error:
+            self.metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
+            raise UpstreamUnavailable(f"AUTH with {where} did not complete: {_reason(error)}") from None
+        self.metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.SUCCESS).inc()
+
+    async def _close(self, conn: UpstreamConnection) -> None:
+        smtp = conn.smtp
+        if smtp.is_connected and not conn.broken:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await asyncio.wait_for(smtp.quit(), 2)
+        smtp.close()
+        if not conn.closed:
+            conn.closed = True
+            self._open -= 1
+
+    def _gauge(self) -> None:
+        idle = sum(len(s.idle) for s in self._slots.values())
+        self.metrics.upstream_connections.labels(state="idle").set(idle)
+        self.metrics.upstream_connections.labels(state="busy").set(self._open - idle)
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="upstream-idle-reaper")
+
+    async def _reap(self) -> None:
+        """Close idle connections past the idle timeout, before the upstream drops them on us."""
+        while True:
+            await asyncio.sleep(max(self.idle_timeout / 2, 0.05))
+            deadline = time.monotonic() - self.idle_timeout
+            for key, slot in list(self._slots.items()):
+                stale = [c for c in slot.idle if c.last_used <= deadline]
+                slot.idle = [c for c in slot.idle if c.last_used > deadline]
+                for conn in stale:
+                    await self._close(conn)
+                if not slot.idle and slot.users == 0:
+                    del self._slots[key]
+            self._gauge()
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for slot in self._slots.values():
+            idle, slot.idle = slot.idle, []
+            for conn in idle:
+                await self._close(conn)
+        self._gauge()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    return _one_line(text)

@@ -1,0 +1,73 @@
+"""Run the real RelayServer in the test's loop, from a relay.yaml written to disk, and talk to it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import yaml
+
+from outbound_relay.delivery import Generation
+from outbound_relay.server import RelayServer
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """relay.yaml with the test defaults: any free listen port, metrics on a free loopback port."""
+    data = {"listen": {"port": 0}, "metrics": {"host": "127.0.0.1", "port": 0}, **config}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_relay(path: Path, *, reload_interval: float = 0.05) -> AsyncIterator[RelayServer]:
+    server = RelayServer(Generation.load(path), config_path=path, reload_interval=reload_interval)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace_seconds=5)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    rcpt_replies: dict[str, tuple[int, str]]
+    data_reply: tuple[int, str] | None  # None when no recipient was accepted
+
+    @property
+    def code(self) -> int:
+        return self.data_reply[0] if self.data_reply else 0
+
+
+def message(
+    subject: str = "hello", headers: dict[str, str] | None = None, body: str = "Hi there.\r\n"
+) -> bytes:
+    lines = [
+        "From: app@example.org",
+        f"Subject: {subject}",
+        *(f"{k}: {v}" for k, v in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode()
+
+
+async def submit(port: int, rcpts: list[str], content: bytes, mail_from: str = "app@example.org") -> Outcome:
+    """One transaction, as an app would send it, keeping every reply."""
+    async with aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=port, start_tls=False, local_hostname="app"
+    ) as smtp:
+        await smtp.mail(mail_from)
+        replies: dict[str, tuple[int, str]] = {}
+        for rcpt in rcpts:
+            response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode() + b">")
+            replies[rcpt] = (response.code, response.message)
+        if not any(code == 250 for code, _ in replies.values()):
+            await smtp.rset()
+            return Outcome(replies, None)
+        try:
+            response = await smtp.data(content)
+            return Outcome(replies, (response.code, response.message))
+        except aiosmtplib.SMTPDataError as error:
+            return Outcome(replies, (error.code, error.message))

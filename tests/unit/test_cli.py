@@ -1,0 +1,149 @@
+"""The command line: check, explain, and serve as a process (graceful shutdown on SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.peers.certs import TLSFiles
+from tests.support.relay import message, submit, write_config
+from tests.support.upstream import AuthUpstream
+
+from outbound_relay.cli import main
+
+EXPLAIN_CONFIG = {
+    "bindingGroups": {"marketing": ["bulk-a"]},
+    "policies": [
+        {"name": "mail/global", "gateway": {"host": "smtp.example.net", "port": 587}},
+        {"name": "mail/sparkpost", "scope": {"domain": "sparkpost.com"}, "type": "PLAIN", "user": "sparkpost",
+         "password": "hunter2-sparkpost"},
+        {"name": "mail/marketing", "scope": {"bindingGroup": "marketing"}, "user": "bulk"},
+    ],
+}  # fmt: skip
+
+
+def test_check_accepts_a_good_file(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_config(config_path, EXPLAIN_CONFIG)
+    assert main(["check", "--config", str(config_path)]) == 0
+    assert "ok, 3 policies" in capsys.readouterr().out
+
+
+def test_check_names_what_is_wrong(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config_path.write_text("policies: [{name: a, type: CRAM-MD5}]")
+    assert main(["check", "--config", str(config_path)]) == 2
+    assert "policies[0] (a): type: must be one of PLAIN, LOGIN, XOAUTH2" in capsys.readouterr().err
+
+
+def test_explain_shows_values_and_sources(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_config(config_path, EXPLAIN_CONFIG)
+    assert (
+        main(["explain", "--config", str(config_path), "--rcpt", "a@sparkpost.com", "--binding", "bulk-a"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    lines = {
+        line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and not line[2].isdigit()
+    }
+    assert "PLAIN" in lines["type"] and "policy mail/sparkpost (domain=sparkpost.com)" in lines["type"]
+    assert "bulk" in lines["user"] and "policy mail/marketing (bindingGroup=marketing)" in lines["user"]
+    assert "***" in lines["password"] and "mail/sparkpost" in lines["password"]
+    assert "smtp.example.net:587" in lines["gateway"] and "mail/global" in lines["gateway"]
+    assert "mode=starttls verify=true" in lines["tls"] and "default" in lines["tls"]
+    assert "binding group marketing" in out
+    assert "hunter2" not in out
+
+
+def test_explain_default_binding_and_no_auth(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_config(config_path, EXPLAIN_CONFIG)
+    assert main(["explain", "--config", str(config_path), "--rcpt", "x@other.org"]) == 0
+    out = capsys.readouterr().out
+    assert "binding default" in out
+    assert "sent without AUTH" in out
+
+
+def test_explain_rejects_a_non_address(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_config(config_path, EXPLAIN_CONFIG)
+    assert main(["explain", "--config", str(config_path), "--rcpt", "sparkpost.com"]) == 2
+    assert "expected an address" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_listening(port: int, proc: asyncio.subprocess.Process) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            assert proc.returncode is None, "relay exited early"
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
+async def test_serve_finishes_in_flight_transactions_on_sigterm(tls: TLSFiles, config_path: Path) -> None:
+    async with AuthUpstream(tls, users={"u": "pw"}) as up:
+        up.state.data_delay = 1.0
+        port = free_port()
+        write_config(
+            config_path,
+            {
+                "policies": [{"name": "p", "type": "PLAIN", "user": "u", "password": "pw",
+                              "gateway": {"host": "127.0.0.1", "port": up.port},
+                              "tls": {"caFile": str(tls.ca_file)}}],
+            },
+        )  # fmt: skip
+        data = yaml.safe_load(config_path.read_text())
+        data["listen"]["port"] = port
+        data["metrics"]["enabled"] = False
+        config_path.write_text(yaml.safe_dump(data))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "outbound_relay.cli", "serve", "--config", str(config_path),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            await wait_listening(port, proc)
+            sending = asyncio.create_task(submit(port, ["a@x.org"], message()))
+            async with asyncio.timeout(10):
+                while not up.state.connections or not up.auth_log:
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # DATA is under way at the upstream
+            proc.send_signal(signal.SIGTERM)
+            outcome = await sending
+            async with asyncio.timeout(20):
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode()
+    assert outcome.code == 250, log
+    assert code == 0, log
+    assert len(up.received) == 1
+    assert "relay stopped" in log
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_serve_refuses_a_bad_config(config_path: Path) -> None:
+    config_path.write_text("listen: {host: 0.0.0.0}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "outbound_relay.cli", "serve", "--config", str(config_path),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"listen.host: must be a loopback address" in err

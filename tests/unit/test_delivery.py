@@ -1,0 +1,307 @@
+"""The relay end to end against an in-process aiosmtpd upstream that requires STARTTLS and AUTH."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.peers.certs import TLSFiles
+from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.upstream import AuthUpstream
+
+from outbound_relay.server import RelayServer
+
+SEED_TOKEN = "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA"
+SEED_USER = "test@contoso.onmicrosoft.com"
+
+
+def seed_policies(port: int, tls: TLSFiles, **tls_extra: Any) -> list[dict[str, Any]]:
+    """The seed's three Domain stanzas, pointed at one local upstream."""
+    common = {
+        "gateway": {"host": "127.0.0.1", "port": port},
+        "tls": {"caFile": str(tls.ca_file), **tls_extra},
+    }
+    return [
+        {"name": "seed/messagesystems", "scope": {"domain": "messagesystems.com"}, "type": "LOGIN",
+         "user": "msys", "password": "msys-password", **common},
+        {"name": "seed/sparkpost", "scope": {"domain": "sparkpost.com"}, "type": "PLAIN",
+         "user": "sparkpost", "password": "sparkpost-password", **common},
+        {"name": "seed/bird", "scope": {"domain": "bird.com"}, "type": "XOAUTH2",
+         "user": SEED_USER, "password": SEED_TOKEN, **common},
+    ]  # fmt: skip
+
+
+def upstream_for(tls: TLSFiles, **kwargs: Any) -> AuthUpstream:
+    return AuthUpstream(
+        tls,
+        users={"msys": "msys-password", "sparkpost": "sparkpost-password"},
+        tokens={SEED_USER: SEED_TOKEN},
+        **kwargs,
+    )
+
+
+async def test_seed_domains_authenticate_with_their_mechanisms(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            for rcpt in ("a@messagesystems.com", "b@sparkpost.com", "c@bird.com"):
+                outcome = await submit(relay.port, [rcpt], message())
+                assert outcome.code == 250, outcome
+    seen = {(r.rcpt_tos[0], r.mechanism, r.login) for r in up.received}
+    assert seen == {
+        ("a@messagesystems.com", "LOGIN", "msys"),
+        ("b@sparkpost.com", "PLAIN", "sparkpost"),
+        ("c@bird.com", "XOAUTH2", SEED_USER),
+    }
+
+
+async def test_upstream_reply_reaches_client_and_is_counted(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+            assert outcome.data_reply == (250, "2.0.0 Ok: queued as 1")
+            metrics = relay.metrics.render().decode()
+    assert 'outbound_relay_messages_total{result="delivered"} 1.0' in metrics
+    assert 'outbound_relay_auth_attempts_total{mechanism="PLAIN",result="success"} 1.0' in metrics
+
+
+async def test_pooled_session_carries_many_messages(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            for i in range(10):
+                assert (await submit(relay.port, [f"u{i}@sparkpost.com"], message())).code == 250
+    assert len(up.received) == 10
+    assert up.state.connections == 1
+    assert len(up.auth_log) == 1
+
+
+async def test_concurrency_is_capped_by_max_connections(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        up.state.data_delay = 0.05
+        policies = seed_policies(up.port, tls)
+        policies[1]["maxConnections"] = 2
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            outcomes = await asyncio.gather(
+                *(submit(relay.port, [f"u{i}@sparkpost.com"], message()) for i in range(8))
+            )
+    assert [o.code for o in outcomes] == [250] * 8
+    assert up.state.connections == 2
+
+
+async def test_wrong_password_is_a_temporary_failure_without_the_password(
+    tls: TLSFiles, config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with upstream_for(tls) as up:
+        policies = seed_policies(up.port, tls)
+        policies[1]["password"] = "wrong-password-123"
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+            metrics = relay.metrics.render().decode()
+    assert outcome.code == 454
+    assert "authentication to upstream 127.0.0.1" in outcome.data_reply[1]  # type: ignore[index]
+    assert "wrong-password-123" not in outcome.data_reply[1]  # type: ignore[index]
+    assert 'auth_attempts_total{mechanism="PLAIN",result="failure"} 1.0' in metrics
+    assert 'outbound_relay_messages_total{result="deferred"} 1.0' in metrics
+    assert not up.received
+    assert "wrong-password-123" not in caplog.text
+
+
+async def test_bad_xoauth2_token_is_a_temporary_failure(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        policies = seed_policies(up.port, tls)
+        policies[2]["password"] = "expired-token"
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["c@bird.com"], message())
+    assert outcome.code == 454
+    assert "XOAUTH2" in outcome.data_reply[1]  # type: ignore[index]
+    assert "expired-token" not in outcome.data_reply[1]  # type: ignore[index]
+
+
+async def test_upstream_down_is_a_temporary_failure(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        port = up.port
+    write_config(config_path, {"policies": seed_policies(port, tls)})
+    async with running_relay(config_path) as relay:
+        outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    assert outcome.code == 451
+    assert "cannot reach upstream" in outcome.data_reply[1]  # type: ignore[index]
+
+
+async def test_untrusted_certificate_is_refused(tls: TLSFiles, config_path: Path, tmp_path: Path) -> None:
+    import trustme
+
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    async with upstream_for(tls) as up:
+        policies = seed_policies(up.port, tls)
+        policies[1]["tls"] = {"caFile": str(other_ca)}
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    assert outcome.code == 451
+    assert "TLS with upstream" in outcome.data_reply[1]  # type: ignore[index]
+    assert not up.auth_log
+
+
+async def test_verify_false_accepts_an_untrusted_certificate(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        policies = seed_policies(up.port, tls)
+        policies[1]["tls"] = {"verify": False}
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
+
+
+async def test_implicit_tls(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls, implicit_tls=True) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls, mode="implicit")})
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
+    assert up.received[0].mechanism == "PLAIN"
+
+
+async def test_no_starttls_offered_means_no_credentials_sent(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls, require_tls=False, offer_starttls=False) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    assert outcome.code == 454
+    assert "does not offer STARTTLS" in outcome.data_reply[1]  # type: ignore[index]
+    assert not up.auth_log
+
+
+async def test_tls_none_sends_auth_in_clear_only_when_explicit(
+    tls: TLSFiles, config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with upstream_for(tls, require_tls=False) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls, mode="none")})
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
+            metrics = relay.metrics.render().decode()
+    assert "outbound_relay_plaintext_auth_total 1.0" in metrics
+    assert "without TLS" in caplog.text
+
+
+async def test_recipient_of_another_route_gets_452(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(
+                relay.port, ["a@sparkpost.com", "b@bird.com", "c@sparkpost.com"], message()
+            )
+    assert outcome.rcpt_replies["a@sparkpost.com"][0] == 250
+    assert outcome.rcpt_replies["b@bird.com"][0] == 452
+    assert outcome.rcpt_replies["b@bird.com"][1].startswith("4.5.3")
+    assert outcome.rcpt_replies["c@sparkpost.com"][0] == 250
+    assert outcome.code == 250
+    assert up.received[0].rcpt_tos == ("a@sparkpost.com", "c@sparkpost.com")
+
+
+async def test_upstream_rcpt_refusal_is_passed_back(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        up.state.rcpt_replies["nobody@sparkpost.com"] = "550 5.1.1 No such user"
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            single = await submit(relay.port, ["nobody@sparkpost.com"], message())
+            mixed = await submit(relay.port, ["ok@sparkpost.com", "nobody@sparkpost.com"], message())
+            after = await submit(relay.port, ["ok@sparkpost.com"], message())
+    assert single.data_reply == (550, "5.1.1 No such user")
+    # Nothing is delivered to part of a transaction: the client hears who was refused.
+    assert mixed.code == 550
+    assert "nobody@sparkpost.com" in mixed.data_reply[1]  # type: ignore[index]
+    assert after.code == 250
+    assert [r.rcpt_tos for r in up.received] == [("ok@sparkpost.com",)]
+
+
+async def test_upstream_data_refusal_is_passed_back(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        up.state.data_reply = "554 5.6.0 Content rejected"
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+            metrics = relay.metrics.render().decode()
+    assert outcome.data_reply == (554, "5.6.0 Content rejected")
+    assert 'outbound_relay_messages_total{result="rejected"} 1.0' in metrics
+
+
+async def test_binding_header_selects_scope_and_is_removed(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        up.state.users["bulk-user"] = "bulk-password"
+        policies = seed_policies(up.port, tls)
+        policies.append({"name": "bulk", "scope": {"bindingGroup": "marketing"}, "user": "bulk-user",
+                         "password": "bulk-password"})  # fmt: skip
+        write_config(config_path, {"bindingGroups": {"marketing": ["bulk-a"]}, "policies": policies})
+        async with running_relay(config_path) as relay:
+            assert (
+                await submit(relay.port, ["x@sparkpost.com"], message(headers={"X-Binding": "bulk-a"}))
+            ).code == 250
+            assert (await submit(relay.port, ["y@sparkpost.com"], message())).code == 250
+    first, second = up.received
+    # The binding group (level 4) is more specific than the Domain stanza (level 5).
+    assert first.login == "bulk-user"
+    assert second.login == "sparkpost"
+    assert b"X-Binding" not in first.content
+    assert b"Subject: hello" in first.content
+
+
+async def test_route_without_gateway_is_a_temporary_failure(tls: TLSFiles, config_path: Path) -> None:
+    write_config(config_path, {"policies": [{"name": "p", "type": "PLAIN", "user": "u", "password": "pw"}]})
+    async with running_relay(config_path) as relay:
+        outcome = await submit(relay.port, ["a@b.org"], message())
+    assert outcome.code == 451
+    assert "no gateway" in outcome.data_reply[1]  # type: ignore[index]
+
+
+async def test_incomplete_auth_settings_are_a_temporary_failure(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        policies = seed_policies(up.port, tls)
+        del policies[1]["password"]
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    assert outcome.code == 451
+    assert "needs a password" in outcome.data_reply[1]  # type: ignore[index]
+
+
+async def test_stale_pooled_connection_is_replaced(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["a@sparkpost.com"], message())).code == 250
+            for session in up._sessions:  # the upstream drops its idle sessions
+                if session.transport is not None:
+                    session.transport.close()
+            await asyncio.sleep(0.05)
+            assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
+    assert len(up.received) == 2
+    assert up.state.connections == 2
+
+
+async def test_metrics_endpoint_serves_prometheus_text(tls: TLSFiles, config_path: Path) -> None:
+    import urllib.request
+
+    write_config(config_path, {})
+    async with running_relay(config_path) as relay:
+        url = f"http://127.0.0.1:{relay.metrics_port}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    for name in (
+        "outbound_relay_messages_total",
+        "outbound_relay_auth_attempts_total",
+        "outbound_relay_delivery_duration_seconds_bucket",
+        "outbound_relay_upstream_connections",
+        "outbound_relay_config_reloads_total",
+        "outbound_relay_hook_errors_total",
+        "outbound_relay_config_info",
+    ):
+        assert name in body
+
+
+def relay_generation(relay: RelayServer) -> str:
+    return relay.generation.short_digest

@@ -1,0 +1,134 @@
+"""Hot reload: a new config takes effect, a bad one is refused, a transaction keeps its config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import yaml
+from tests.peers.certs import TLSFiles
+from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.upstream import AuthUpstream
+
+from outbound_relay.server import RelayServer
+
+
+def policy(port: int, tls: TLSFiles, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "p",
+        "type": "PLAIN",
+        "user": "u",
+        "gateway": {"host": "127.0.0.1", "port": port},
+        "tls": {"caFile": str(tls.ca_file)},
+        **extra,
+    }
+
+
+async def wait_for_generation(relay: RelayServer, old: str, timeout: float = 5) -> None:
+    async with asyncio.timeout(timeout):
+        while relay.generation.digest == old:
+            await asyncio.sleep(0.02)
+
+
+async def test_changed_file_is_picked_up(tls: TLSFiles, config_path: Path) -> None:
+    async with AuthUpstream(tls, users={"u": "one", "v": "two"}) as up:
+        write_config(config_path, {"policies": [policy(up.port, tls, password="one")]})
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+            old = relay.generation.digest
+            write_config(config_path, {"policies": [policy(up.port, tls, user="v", password="two")]})
+            await wait_for_generation(relay, old)
+            assert (await submit(relay.port, ["b@x.org"], message())).code == 250
+            metrics = relay.metrics.render().decode()
+    assert [r.login for r in up.received] == ["u", "v"]
+    assert 'outbound_relay_config_reloads_total{result="success"} 1.0' in metrics
+    assert f'outbound_relay_config_info{{generation="{relay.generation.short_digest}"}} 1.0' in metrics
+    assert metrics.count("outbound_relay_config_info{") == 1
+
+
+async def test_bad_file_is_rejected_and_last_good_config_stays(tls: TLSFiles, config_path: Path) -> None:
+    async with AuthUpstream(tls, users={"u": "one"}) as up:
+        write_config(config_path, {"policies": [policy(up.port, tls, password="one")]})
+        async with running_relay(config_path) as relay:
+            good = relay.generation.digest
+            config_path.write_text("policies: [{name: p, type: NOPE}]")
+            async with asyncio.timeout(5):
+                while 'result="failure"} 1.0' not in relay.metrics.render().decode():
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # several more polls: the same bad file is counted once
+            assert relay.generation.digest == good
+            assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+            metrics = relay.metrics.render().decode()
+    assert 'outbound_relay_config_reloads_total{result="failure"} 1.0' in metrics
+
+
+async def test_kubelet_symlink_swap_is_seen(tls: TLSFiles, tmp_path: Path) -> None:
+    """A mounted Secret: relay.yaml -> ..data/relay.yaml -> ..<timestamp>/; the kubelet swaps ..data."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+
+    def project(name: str, config: dict[str, Any]) -> None:
+        version = mount / name
+        version.mkdir()
+        write_config(version / "relay.yaml", config)
+        (mount / "..data_tmp").symlink_to(name)
+        os.replace(mount / "..data_tmp", mount / "..data")  # atomic, as the kubelet does
+
+    async with AuthUpstream(tls, users={"u": "one", "w": "three"}) as up:
+        project("..2026_11_25_a", {"policies": [policy(up.port, tls, password="one")]})
+        (mount / "relay.yaml").symlink_to("..data/relay.yaml")
+        async with running_relay(mount / "relay.yaml") as relay:
+            assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+            old = relay.generation.digest
+            project("..2026_11_25_b", {"policies": [policy(up.port, tls, user="w", password="three")]})
+            await wait_for_generation(relay, old)
+            assert (await submit(relay.port, ["b@x.org"], message())).code == 250
+    assert [r.login for r in up.received] == ["u", "w"]
+
+
+async def test_password_file_rotation(tls: TLSFiles, config_path: Path) -> None:
+    secret = config_path.parent / "password"
+    secret.write_text("one")
+    async with AuthUpstream(tls, users={"u": "one"}) as up:
+        write_config(config_path, {"policies": [policy(up.port, tls, passwordFile="password")]})
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+            up.state.users["u"] = "two"  # the upstream rotates first; our password file follows
+            old = relay.generation.digest
+            secret.write_text("two")
+            await wait_for_generation(relay, old)
+            assert (await submit(relay.port, ["b@x.org"], message())).code == 250
+    assert len(up.received) == 2
+    assert [ok for _, _, ok in up.auth_log] == [True, True]
+
+
+async def test_transaction_in_flight_keeps_its_config(tls: TLSFiles, config_path: Path) -> None:
+    async with AuthUpstream(tls, users={"u": "one"}) as up:
+        write_config(config_path, {"policies": [policy(up.port, tls, password="one")]})
+        async with running_relay(config_path) as relay:
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as client:
+                await client.mail("app@example.org")
+                await client.rcpt("a@x.org")
+                old = relay.generation.digest
+                write_config(config_path, {"policies": [policy(up.port, tls, password="not-valid")]})
+                await wait_for_generation(relay, old)
+                response = await client.data(message())
+            assert response.code == 250
+            later = await submit(relay.port, ["b@x.org"], message())
+    assert later.code == 454
+    assert len(up.received) == 1
+
+
+async def test_reload_does_not_move_the_listener(tls: TLSFiles, config_path: Path, caplog: Any) -> None:
+    write_config(config_path, {})
+    async with running_relay(config_path) as relay:
+        port = relay.port
+        data = yaml.safe_load(config_path.read_text())
+        data["listen"]["port"] = port + 1
+        config_path.write_text(yaml.safe_dump(data))
+        assert await relay.reload()
+        assert relay.port == port
+    assert "change only on restart" in caplog.text
