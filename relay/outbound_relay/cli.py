@@ -104,7 +104,9 @@ def explain_route(index: ScopeIndex, rcpt: str, binding: str | None) -> str:
     chain = index.chain(domain, binding)
     lines.append("scopes consulted, most specific first:")
     lines += [f"  {level_of(p).value}. {p.name} ({p.scope.describe()})" for p in chain] or ["  (none)"]
-    if route.type is None:
+    if route.suspended is not None:
+        lines.append(f"mail on this route is deferred (4xx): {route.suspended}")
+    elif route.type is None:
         lines.append("no scope sets type: mail on this route is sent without AUTH")
     return "\n".join(lines)
 

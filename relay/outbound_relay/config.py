@@ -189,6 +189,9 @@ class Policy(Model):
     gateway: Endpoint | None = None
     tls: TlsSettings | None = None
     max_connections: int | None = Field(default=None, alias="maxConnections", ge=1, le=1000)
+    # Set by the operator when this policy's settings cannot be had (a Secret is missing): mail that
+    # would use this scope is deferred rather than sent with a wider scope's credentials.
+    suspended: str | None = None
 
     @field_validator("type", mode="before")
     @classmethod
@@ -315,26 +318,32 @@ def parse_config(data: Any, *, source: str = "relay.yaml") -> RelayConfig:
         raise ConfigError(f"{source} is invalid:\n{format_validation_error(error, data)}") from None
 
 
-def read_password_files(config: RelayConfig, base_dir: Path) -> RelayConfig:
-    """Fill `password` from each `passwordFile` (relative paths are relative to the config file)."""
+def resolve_files(config: RelayConfig, base_dir: Path) -> RelayConfig:
+    """Read each `passwordFile` into `password` and anchor each `tls.caFile`; relative paths are relative
+    to the config file, so a mounted Secret can carry the config and its files side by side."""
     policies = []
     for i, policy in enumerate(config.policies):
+        where = f"policies[{i}] ({policy.name})"
+        updates: dict[str, Any] = {}
         if policy.password_file is not None:
             path = base_dir / policy.password_file
             try:
-                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+                updates["password"] = SecretStr(path.read_text(encoding="utf-8").rstrip("\r\n"))
             except OSError as error:
                 raise ConfigError(
-                    f"policies[{i}] ({policy.name}): passwordFile {str(path)!r} cannot be read: "
-                    f"{error.strerror}"
+                    f"{where}: passwordFile {str(path)!r} cannot be read: {error.strerror}"
                 ) from None
-            policy = policy.model_copy(update={"password": SecretStr(secret)})
-        policies.append(policy)
+        if policy.tls is not None and policy.tls.ca_file is not None:
+            ca_file = base_dir / policy.tls.ca_file
+            if not ca_file.is_file():
+                raise ConfigError(f"{where}: tls.caFile {str(ca_file)!r} is not a readable file")
+            updates["tls"] = policy.tls.model_copy(update={"ca_file": ca_file})
+        policies.append(policy.model_copy(update=updates) if updates else policy)
     return config.model_copy(update={"policies": tuple(policies)})
 
 
 def load_config(path: Path) -> RelayConfig:
-    """Read, parse and validate a relay.yaml, with its password files read in."""
+    """Read, parse and validate a relay.yaml, with its password and CA files resolved."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
@@ -344,12 +353,13 @@ def load_config(path: Path) -> RelayConfig:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     config = parse_config(data, source=str(path))
-    return read_password_files(config, path.parent)
+    return resolve_files(config, path.parent)
 
 
 def watched_files(config: RelayConfig, path: Path) -> tuple[Path, ...]:
-    """The files whose change means a reload: the config itself and every passwordFile."""
+    """The files whose change means a reload: the config itself, every passwordFile and caFile."""
     extra = [path.parent / p.password_file for p in config.policies if p.password_file is not None]
+    extra += [p.tls.ca_file for p in config.policies if p.tls is not None and p.tls.ca_file is not None]
     return (path, *extra)
 
 

@@ -168,6 +168,8 @@ class RelayHandler:
             binding = msg.binding
             overrides = msg.context
         route = generation.scopes.route(domain, binding)
+        if route.suspended is not None:
+            raise RouteMisconfigured(route.suspended)
         type_key, user_key, pass_key = CONTEXT_KEYS
         if any(key in overrides for key in CONTEXT_KEYS):
             try:

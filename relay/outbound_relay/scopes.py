@@ -61,6 +61,7 @@ class Route:
     gateway: Sourced[Endpoint] | None
     tls: Sourced[TlsSettings]
     max_connections: Sourced[int]
+    suspended: str | None = None  # why this route must not be used: a suspended policy in its way
 
     def with_overrides(self, *, type: str | None, user: str | None, password: str | None) -> Route:
         """Apply a hook's message-context values (`outbound_smtp_auth_*`), which beat every scope."""
@@ -153,25 +154,36 @@ class ScopeIndex:
 
     def _resolve(self, domain: str, binding: str) -> Route:
         chain = self.chain(domain, binding)
+        # Nothing falls back past a suspended policy: its settings are unknown, so they would have won.
+        stop = next((i for i, p in enumerate(chain) if p.suspended is not None), None)
+        suspended_by = chain[stop] if stop is not None else None
+        chain = chain[:stop]
+        unresolved: list[str] = []
 
-        def first(setting: Callable[[Policy], T | None]) -> Sourced[T] | None:
+        def first(name: str, setting: Callable[[Policy], T | None]) -> Sourced[T] | None:
             for policy in chain:
                 value = setting(policy)
                 if value is not None:
                     return Sourced(value=value, source=_describe(policy))
+            unresolved.append(name)
             return None
 
-        return Route(
+        route = Route(
             domain=domain,
             binding=binding,
-            type=first(lambda p: p.type),
-            user=first(lambda p: p.user),
-            password=first(lambda p: p.password),
-            gateway=first(lambda p: p.gateway),
-            tls=first(lambda p: p.tls) or Sourced(value=TlsSettings(), source="default"),
-            max_connections=first(lambda p: p.max_connections)
+            type=first("type", lambda p: p.type),
+            user=first("user", lambda p: p.user),
+            password=first("password", lambda p: p.password),
+            gateway=first("gateway", lambda p: p.gateway),
+            tls=first("tls", lambda p: p.tls) or Sourced(value=TlsSettings(), source="default"),
+            max_connections=first("maxConnections", lambda p: p.max_connections)
             or Sourced(value=self.config.upstream.default_max_connections, source="default"),
         )
+        if suspended_by is not None and unresolved:
+            route = replace(
+                route, suspended=f"{_describe(suspended_by)} is suspended: {suspended_by.suspended}"
+            )
+        return route
 
     def signature(self, domain: str) -> tuple[str, ...]:
         """Recipients whose domains share a signature resolve alike for every binding and hook, so they

@@ -165,3 +165,16 @@ def test_unreadable_or_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("policies: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_ca_file_is_relative_to_config_and_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not checked here")
+    path = tmp_path / "relay.yaml"
+    path.write_text("policies: [{name: a, tls: {caFile: ca.pem}}]")
+    (policy,) = load_config(path).policies
+    assert policy.tls is not None and policy.tls.ca_file == tmp_path / "ca.pem"
+    path.write_text("policies: [{name: a, tls: {caFile: missing.pem}}]")
+    with pytest.raises(
+        ConfigError, match=r"policies\[0\] \(a\): tls.caFile .*missing.pem.* is not a readable file"
+    ):
+        load_config(path)

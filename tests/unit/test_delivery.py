@@ -305,3 +305,22 @@ async def test_metrics_endpoint_serves_prometheus_text(tls: TLSFiles, config_pat
 
 def relay_generation(relay: RelayServer) -> str:
     return relay.generation.short_digest
+
+
+async def test_suspended_policy_defers_its_mail(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        policies = seed_policies(up.port, tls)
+        global_policy = {
+            "name": "global",
+            **{k: v for k, v in policies[1].items() if k not in ("name", "scope")},
+        }
+        policies[1] = {"name": "seed/sparkpost", "scope": {"domain": "sparkpost.com"},
+                       "suspended": "Secret mail/sparkpost-smtp has no key password"}  # fmt: skip
+        write_config(config_path, {"policies": [*policies, global_policy]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+            other = await submit(relay.port, ["b@elsewhere.org"], message())
+    assert outcome.code == 451
+    assert "has no key password" in outcome.data_reply[1]  # type: ignore[index]
+    assert other.code == 250
+    assert [r.rcpt_tos for r in up.received] == [("b@elsewhere.org",)]

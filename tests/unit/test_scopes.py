@@ -131,3 +131,30 @@ def test_identity_changes_with_password() -> None:
     b = index(at(Level.GLOBAL, type="PLAIN", user="u", password="two")).route("x.org", "default")
     assert a.identity() != b.identity()
     assert "one" not in a.identity()
+
+
+def test_suspended_policy_is_never_fallen_back_past() -> None:
+    scopes = index(
+        {"name": "global", "type": "PLAIN", "user": "g", "password": "gp",
+         "gateway": {"host": "smtp.example.net", "port": 587}},
+        {"name": "sp", "scope": {"domain": "sparkpost.com"},
+         "suspended": "Secret mail/sp key password is missing"},
+    )  # fmt: skip
+    route = scopes.route("sparkpost.com", "default")
+    assert route.suspended is not None
+    assert (
+        "policy sp (domain=sparkpost.com) is suspended: Secret mail/sp key password is missing"
+        in route.suspended
+    )
+    assert scopes.route("other.org", "default").suspended is None
+
+
+def test_suspended_policy_below_a_complete_scope_does_not_matter() -> None:
+    complete = {"type": "PLAIN", "user": "u", "password": "p", "gateway": {"host": "h", "port": 25},
+                "tls": {"mode": "starttls"}, "maxConnections": 2}  # fmt: skip
+    scopes = index(
+        {"name": "global", "suspended": "Secret missing"},
+        {"name": "sp", "scope": {"domain": "sparkpost.com"}, **complete},
+    )
+    assert scopes.route("sparkpost.com", "default").suspended is None
+    assert scopes.route("other.org", "default").suspended is not None
