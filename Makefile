@@ -8,7 +8,7 @@ setup:
 	@hack/setup
 
 demo: setup
-	$(VENV)/python -m outbound_relay.demo
+	$(VENV)/python hack/demo.py
 
 lint: setup
 	$(VENV)/ruff check relay operator tests
