@@ -1,4 +1,4 @@
-"""Session-scoped real SMTP peers (Dovecot submission, Postfix + Cyrus SASL) on 127.0.0.1.
+"""Session-scoped real SMTP peers (Dovecot submission, Postfix + Cyrus SASL) on loopback.
 
 The fixtures skip when the Debian packages are missing on a developer machine; in CI (CI=true) a
 missing peer is a failure, so the suite can't go green by silently testing nothing.
@@ -6,39 +6,21 @@ missing peer is a failure, so the suite can't go green by silently testing nothi
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# tests/peers is imported as `tests.peers` (also by benchmarks); the pytest entry point does not put
-# the repository root on sys.path by itself.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-from tests.peers import (  # noqa: E402
+from tests.peers import (
     DovecotSubmission,
     PostfixSubmission,
     TLSFiles,
     make_tls_files,
-    peer_binaries_missing,
+    require_binaries,
     shared_workdir,
 )
-from tests.peers.dovecot import DOVECOT  # noqa: E402
-from tests.peers.postfix import POSTFIX_BINARIES  # noqa: E402
-
-
-def require_binaries(what: str, *binaries: str) -> None:
-    missing = peer_binaries_missing(*binaries)
-    if not missing:
-        return
-    message = f"{what} not installed (missing {', '.join(missing)}); run hack/setup"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+from tests.peers.dovecot import DOVECOT
+from tests.peers.postfix import POSTFIX_BINARIES
 
 
 @pytest.fixture(scope="session")

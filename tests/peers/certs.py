@@ -1,4 +1,4 @@
-"""A throwaway CA and a server certificate for 127.0.0.1 / localhost, written to files.
+"""A throwaway CA and a server certificate for 127.0.0.1, 127.0.0.2 and localhost, written to files.
 
 The peers are daemons that read their key material from disk, some of them (Dovecot's auth process,
 Postfix's smtpd) after dropping privileges, so the files and every directory above them must be
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trustme
+
+# 127.0.0.2: Dovecot listens there (see dovecot.py), so its certificate must name it too.
+SERVER_NAMES = ("127.0.0.1", "127.0.0.2", "localhost")
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class TLSFiles:
 def make_tls_files(directory: Path) -> TLSFiles:
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
+    server = ca.issue_cert(*SERVER_NAMES)
     files = TLSFiles(ca, directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
     ca.cert_pem.write_to_path(str(files.ca_file))
     # Leaf first, then the chain: what Dovecot's ssl_cert and Postfix's smtpd_tls_cert_file expect.

@@ -25,11 +25,25 @@ def peer_binaries_missing(*names: str) -> list[str]:
     return [name for name in names if not (os.access(name, os.X_OK) or shutil.which(name))]
 
 
-def free_port() -> int:
+def require_binaries(what: str, *binaries: str) -> None:
+    """Skip the calling test (or fixture) if a peer's binaries are missing; fail instead under CI=true,
+    so that a CI machine without the Debian packages can't go green by testing nothing."""
+    import pytest  # only tests call this; benchmarks import tests.peers without pytest
+
+    missing = peer_binaries_missing(*binaries)
+    if not missing:
+        return
+    message = f"{what} not installed (missing {', '.join(missing)}); run hack/setup"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port(host: str = HOST) -> int:
     # The kernel picks a free port; it could be taken again before the daemon binds it, but on a
     # test machine's loopback that race is theoretical, and readiness checks would catch it.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -49,6 +63,18 @@ def shared_workdir(prefix: str = "outbound-relay-peer-") -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def check_shared(*paths: Path) -> None:
+    """Fail early, and clearly, if a daemon's unprivileged user could not reach these paths: every
+    directory above them needs search permission for others (pytest's tmp_path does not have it)."""
+    for path in paths:
+        for directory in [path, *path.resolve().parents]:
+            if directory.is_dir() and not directory.stat().st_mode & 0o001:
+                raise PeerError(
+                    f"{directory} is not searchable by other users, so the peer's daemons cannot read "
+                    f"{path}; use tests.peers.shared_workdir() (mode 0755) instead"
+                )
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -57,15 +83,17 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def wait_for_banner(port: int, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> str:
-    """Wait until 127.0.0.1:port greets with a complete 220 reply; return it."""
+def wait_for_banner(
+    port: int, timeout: float, alive: subprocess.Popen[bytes] | None = None, host: str = HOST
+) -> str:
+    """Wait until host:port greets with a complete 220 reply; return it."""
     deadline = time.monotonic() + timeout
     last_error = "no attempt"
     while time.monotonic() < deadline:
         if alive is not None and alive.poll() is not None:
             raise PeerError(f"process exited with {alive.returncode} before listening on {port}")
         try:
-            with socket.create_connection((HOST, port), timeout=2) as sock:
+            with socket.create_connection((host, port), timeout=2) as sock:
                 banner = sock.recv(512).decode(errors="replace")
                 if banner.startswith("220 "):
                     sock.sendall(b"QUIT\r\n")
@@ -74,7 +102,7 @@ def wait_for_banner(port: int, timeout: float, alive: subprocess.Popen[bytes] | 
         except OSError as exc:
             last_error = str(exc)
         time.sleep(0.05)
-    raise PeerError(f"nothing answered 220 on {HOST}:{port} within {timeout}s ({last_error})")
+    raise PeerError(f"nothing answered 220 on {host}:{port} within {timeout}s ({last_error})")
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:

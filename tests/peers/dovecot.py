@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import grp
 import os
 import pwd
 import secrets
@@ -24,8 +25,8 @@ import jwt
 
 from tests.peers.certs import TLSFiles, make_tls_files
 from tests.peers.common import (
-    HOST,
     PeerError,
+    check_shared,
     free_port,
     log_tail,
     shared_workdir,
@@ -37,10 +38,14 @@ from tests.peers.sink import ReceivedMessage, RecordingSink
 DOVECOT = "/usr/sbin/dovecot"
 DEFAULT_USERS = {"alice": "alice-secret", "bob": "bob-secret", "carol": "carol-secret"}
 DH_PARAMS = Path("/usr/share/dovecot/dh.pem")
+# Dovecot counts a connection whose remote IP equals its local IP as "secured", like TLS, and then
+# allows AUTH without STARTTLS: a listener on 127.0.0.1 reached from 127.0.0.1 would never prove that
+# the client did STARTTLS. On 127.0.0.2 (still loopback), clients arrive from 127.0.0.1 by default.
+DOVECOT_HOST = "127.0.0.2"
 
 
 class DovecotSubmission:
-    """One private Dovecot instance (own base_dir, state, logs) on a free 127.0.0.1 port."""
+    """One private Dovecot instance (own base_dir, state, logs) on a free port of 127.0.0.2."""
 
     def __init__(
         self,
@@ -52,9 +57,12 @@ class DovecotSubmission:
         max_userip_connections: int = 100,
         auth_failure_delay: str = "0",
         startup_timeout: float = 20,
+        relay_to: tuple[str, int] | None = None,
     ) -> None:
-        self.host = HOST
-        self.port = port or free_port()
+        """`relay_to` (host, port): where submission relays accepted mail instead of to a
+        `RecordingSink` of its own, e.g. Postfix's smtp-sink in benchmarks; `sink` is then unavailable."""
+        self.host = DOVECOT_HOST
+        self.port = port or free_port(DOVECOT_HOST)
         self.users = dict(users or DEFAULT_USERS)
         # Real Dovecot sleeps 2 s before a failed AUTH reply; tests of failures don't need to wait.
         self._auth_failure_delay = auth_failure_delay
@@ -65,7 +73,8 @@ class DovecotSubmission:
         self._hs256_key = secrets.token_bytes(32)
         self._stack = contextlib.ExitStack()
         self._proc: subprocess.Popen[bytes] | None = None
-        self.sink = RecordingSink()
+        self._sink = RecordingSink() if relay_to is None else None
+        self.relay_to: tuple[str, int] = relay_to or (self.sink.host, self.sink.port)
         self.dir = Path()  # set by start()
         self.tls: TLSFiles | None = None
 
@@ -77,6 +86,14 @@ class DovecotSubmission:
         return self.tls.ca_file
 
     @property
+    def sink(self) -> RecordingSink:
+        """Where Dovecot relays accepted mail (unless started with `relay_to`)."""
+        if self._sink is None:
+            host, port = self.relay_to
+            raise PeerError(f"this Dovecot relays to {host}:{port}, not to a RecordingSink")
+        return self._sink
+
+    @property
     def messages(self) -> list[ReceivedMessage]:
         """What Dovecot relayed to the sink so far."""
         return self.sink.messages
@@ -84,6 +101,17 @@ class DovecotSubmission:
     @property
     def log_file(self) -> Path:
         return self.dir / "dovecot.log"
+
+    def wait_for_log(self, text: str, timeout: float = 5) -> str:
+        """Wait until a line containing `text` is in Dovecot's log (auth verdicts, logins); return it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.log_file.read_text(errors="replace").splitlines():
+                if text in line:
+                    return line
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not in {self.log_file}:\n{log_tail(self.log_file)}")
+            time.sleep(0.05)
 
     def make_token(
         self, user: str, *, expired: bool = False, key: bytes | None = None, lifetime: int = 3600
@@ -117,9 +145,11 @@ class DovecotSubmission:
     def _start(self) -> None:
         base = self._workdir_arg or self._stack.enter_context(shared_workdir("outbound-relay-dovecot-"))
         self.tls = self._tls_arg or make_tls_files(base / "tls")
+        check_shared(base, self.tls.cert_file.parent)
         self.dir = base / f"dovecot-{self.port}"
         self.dir.mkdir(mode=0o755, parents=True)
-        self._stack.enter_context(self.sink)
+        if self._sink is not None:
+            self._stack.enter_context(self._sink)
         conf = self._write_config()
         output = self._stack.enter_context((self.dir / "stderr.log").open("wb"))
         # -F: stay in the foreground, so this Popen is the master and stop() can end it.
@@ -131,7 +161,7 @@ class DovecotSubmission:
             start_new_session=True,
         )
         try:
-            wait_for_banner(self.port, self._startup_timeout, alive=self._proc)
+            wait_for_banner(self.port, self._startup_timeout, alive=self._proc, host=self.host)
         except PeerError as exc:
             raise PeerError(
                 f"Dovecot did not start: {exc}\n--- stderr:\n{log_tail(self.dir / 'stderr.log')}"
@@ -153,11 +183,15 @@ class DovecotSubmission:
             (d / sub).mkdir(mode=0o755)
         # Dovecot itself needs its internal users; as non-root it can only be the current user.
         if os.geteuid() == 0:
-            internal_user, login_user = "dovecot", "dovenull"
+            internal_user, internal_group, login_user = "dovecot", "dovecot", "dovenull"
         else:
             internal_user = login_user = pwd.getpwuid(os.geteuid()).pw_name
+            internal_group = grp.getgrgid(os.getegid()).gr_name
         internal = pwd.getpwnam(internal_user)
         mail_uid, mail_gid = internal.pw_uid, internal.pw_gid
+        # Submission opens the user's mail storage (for BURL) even though nothing is stored there.
+        (d / "mail").mkdir(mode=0o755)
+        os.chown(d / "mail", mail_uid, mail_gid)
 
         (d / "users").write_text("".join(f"{u}:{{PLAIN}}{p}::::::\n" for u, p in self.users.items()))
         # The oauth2 passdb's local validation looks keys up as <azp>/<alg>/<kid>; tokens without
@@ -183,9 +217,10 @@ state_dir = {d}/state
 log_path = {d}/dovecot.log
 info_log_path = {d}/dovecot.log
 default_internal_user = {internal_user}
+default_internal_group = {internal_group}
 default_login_user = {login_user}
 protocols = submission
-listen = {HOST}
+listen = {self.host}
 hostname = localhost
 
 ssl = required
@@ -212,15 +247,26 @@ passdb {{
 }}
 userdb {{
   driver = static
-  args = uid={mail_uid} gid={mail_gid} home={d}/state
+  args = uid={mail_uid} gid={mail_gid} home={d}/mail/%u
+}}
+mail_location = maildir:~/Maildir
+
+# chroot off: a non-root Dovecot cannot chroot, and a test instance gains nothing from it.
+# Failed logins would otherwise make anvil delay every later AUTH from 127.0.0.1, up to 15 s.
+service anvil {{
+  chroot =
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 
-submission_relay_host = {self.sink.host}
-submission_relay_port = {self.sink.port}
+submission_relay_host = {self.relay_to[0]}
+submission_relay_port = {self.relay_to[1]}
 submission_relay_ssl = no
 service submission-login {{
+  chroot =
   inet_listener submission {{
-    address = {HOST}
+    address = {self.host}
     port = {self.port}
   }}
 }}

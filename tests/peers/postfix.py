@@ -1,2 +1,342 @@
-class PostfixRelay: ...
-class PostfixSubmission: ...
+"""Postfix as a real peer, in a private instance (own config, queue and data directories, log file)
+that never touches the system's /etc/postfix or /var/spool/postfix.
+
+- `PostfixSubmission`: smtpd requiring STARTTLS, then AUTH PLAIN / LOGIN through Cyrus SASL against a
+  sasldb; accepted mail is relayed to a `RecordingSink` (from Postfix's queue, so use `sink.wait_for`).
+- `PostfixRelay`: the reverse, for benchmarks: accepts anything from 127.0.0.0/8 without auth and
+  relays it to one upstream over STARTTLS with AUTH (Postfix as a SASL client), e.g. to Dovecot.
+
+Both need root: Postfix's master and its set-uid helpers insist on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from tests.peers.certs import TLSFiles, make_tls_files
+from tests.peers.common import (
+    HOST,
+    PeerError,
+    check_shared,
+    free_port,
+    log_tail,
+    shared_workdir,
+    stop_process_group,
+    wait_for_banner,
+)
+from tests.peers.sink import ReceivedMessage, RecordingSink
+
+POSTFIX = "/usr/sbin/postfix"
+SASLPASSWD2 = "/usr/sbin/saslpasswd2"
+POSTFIX_BINARIES = (POSTFIX, SASLPASSWD2)
+DEFAULT_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+SASL_REALM = "peers.test"
+
+# Every daemon in the instance that the tests exercise; chroot off (fifth column "n") so paths to
+# certificates, the sasldb and the log need no copy inside a jail.
+_MASTER_CF = """\
+{host}:{port} inet n - n - - smtpd
+pickup    unix  n - n 60    1 pickup
+cleanup   unix  n - n -     0 cleanup
+qmgr      unix  n - n 300   1 qmgr
+tlsmgr    unix  - - n 1000? 1 tlsmgr
+rewrite   unix  - - n -     - trivial-rewrite
+bounce    unix  - - n -     0 bounce
+defer     unix  - - n -     0 bounce
+trace     unix  - - n -     0 bounce
+verify    unix  - - n -     1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n -     - proxymap
+proxywrite unix - - n -     1 proxymap
+smtp      unix  - - n -     - smtp
+relay     unix  - - n -     - smtp
+showq     unix  n - n -     - showq
+error     unix  - - n -     - error
+retry     unix  - - n -     - error
+discard   unix  - - n -     - discard
+anvil     unix  - - n -     1 anvil
+scache    unix  - - n -     1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+
+
+class _PostfixInstance:
+    """A private Postfix on a free 127.0.0.1 port, run by `postfix -c <dir> start-fg` as our child."""
+
+    name = "postfix"
+
+    def __init__(
+        self, workdir: Path | None, tls: TLSFiles | None, port: int | None, startup_timeout: float
+    ) -> None:
+        self.host = HOST
+        self.port = port or free_port()
+        self._workdir_arg = workdir
+        self._tls_arg = tls
+        self._startup_timeout = startup_timeout
+        self._stack = contextlib.ExitStack()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.dir = Path()  # set by start()
+        self.tls: TLSFiles | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.tls is not None, "not started"
+        return self.tls.ca_file
+
+    @property
+    def config_dir(self) -> Path:
+        return self.dir / "etc"
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "postfix.log"
+
+    def __enter__(self) -> _PostfixInstance:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        if os.geteuid() != 0:
+            raise PeerError("a private Postfix instance needs root (its master and set-gid tools insist)")
+        base = self._workdir_arg or self._stack.enter_context(shared_workdir(f"outbound-relay-{self.name}-"))
+        self.tls = self._tls_arg or make_tls_files(base / "tls")
+        check_shared(base, self.tls.cert_file.parent)
+        self.dir = base / f"{self.name}-{self.port}"
+        for sub in ("etc", "queue", "data"):
+            (self.dir / sub).mkdir(mode=0o755, parents=True)
+        # master keeps its lock and the TLS session cache there, as the mail_owner.
+        postfix_user = pwd.getpwnam("postfix")
+        os.chown(self.dir / "data", postfix_user.pw_uid, postfix_user.pw_gid)
+        self._prepare()
+        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(host=self.host, port=self.port))
+        (self.config_dir / "main.cf").write_text(self._main_cf())
+        output = self._stack.enter_context((self.dir / "stderr.log").open("wb"))
+        # start-fg keeps master as our descendant (no daemonizing), and fixes up queue permissions.
+        self._proc = subprocess.Popen(
+            [POSTFIX, "-c", str(self.config_dir), "start-fg"],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_banner(self.port, self._startup_timeout, alive=self._proc)
+        except PeerError as exc:
+            raise PeerError(
+                f"Postfix did not start: {exc}\n--- stderr:\n{log_tail(self.dir / 'stderr.log')}"
+                f"\n--- log:\n{log_tail(self.log_file)}"
+            ) from None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            master_pid = self._master_pid()
+            if self._proc.poll() is None:
+                # `postfix stop` signals master through its pid file and waits for it to exit.
+                subprocess.run(
+                    [POSTFIX, "-c", str(self.config_dir), "stop"],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    check=False,
+                    timeout=30,
+                )
+            # master calls setsid(), so it and its children (smtpd, qmgr, ...) form their own process
+            # group, out of reach of stop_process_group(); make sure that group is gone too.
+            if master_pid is not None:
+                _wait_gone(master_pid, timeout=10)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(master_pid, signal.SIGKILL)
+            stop_process_group(self._proc)
+            self._proc = None
+        self._stack.close()
+
+    def _master_pid(self) -> int | None:
+        try:
+            return int((self.dir / "queue" / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    # -- configuration, shared part then per role --------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Write role-specific files (sasldb, ...) before main.cf."""
+
+    def _role_cf(self) -> str:
+        raise NotImplementedError
+
+    def _main_cf(self) -> str:
+        d = self.dir
+        return f"""\
+# Written by tests/peers/postfix.py: a private instance, nothing from /etc/postfix but the binaries.
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+maillog_file = {self.log_file}
+# maillog_file must sit under one of these (Postfix's guard against logging to odd places).
+maillog_file_prefixes = {d}
+myhostname = {self.name}-{self.port}.localhost
+mydomain = localhost
+myorigin = $myhostname
+inet_interfaces = {HOST}
+inet_protocols = ipv4
+# Nothing is delivered locally: every recipient is remote and goes to relayhost.
+mydestination =
+local_recipient_maps =
+local_transport = error:5.1.1 no local delivery in this test instance
+alias_maps =
+alias_database =
+biff = no
+notify_classes =
+smtputf8_enable = no
+# Retry quickly: a test waits seconds, not Postfix's default minutes.
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+{self._role_cf()}"""
+
+
+class PostfixSubmission(_PostfixInstance):
+    """smtpd with STARTTLS required and Cyrus SASL (sasldb, PLAIN LOGIN), relaying to a sink."""
+
+    name = "postfix-submission"
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        tls: TLSFiles | None = None,
+        *,
+        users: dict[str, str] | None = None,
+        port: int | None = None,
+        startup_timeout: float = 30,
+    ) -> None:
+        super().__init__(workdir, tls, port, startup_timeout)
+        self.users = dict(users or DEFAULT_USERS)
+        self.sink = RecordingSink()
+
+    def __enter__(self) -> PostfixSubmission:
+        self.start()
+        return self
+
+    @property
+    def messages(self) -> list[ReceivedMessage]:
+        """What Postfix relayed to the sink so far (delivery is asynchronous: see sink.wait_for)."""
+        return self.sink.messages
+
+    def _prepare(self) -> None:
+        self._stack.enter_context(self.sink)
+        sasldb = self.config_dir / "sasldb2"
+        for user, password in self.users.items():
+            # -p: password from stdin; -c: create; -u: the realm smtpd appends (smtpd_sasl_local_domain).
+            subprocess.run(
+                [SASLPASSWD2, "-f", str(sasldb), "-c", "-p", "-u", SASL_REALM, user],
+                input=password.encode(),
+                check=True,
+                capture_output=True,
+            )
+        sasldb.chmod(0o644)  # smtpd reads it as the postfix user
+        # Postfix asks Cyrus for the application "smtpd", i.e. <cyrus_sasl_config_path>/smtpd.conf;
+        # Debian's build looks in <config_directory>/sasl whatever that parameter says, so use that.
+        (self.config_dir / "sasl").mkdir(mode=0o755)
+        (self.config_dir / "sasl" / "smtpd.conf").write_text(
+            "pwcheck_method: auxprop\nauxprop_plugin: sasldb\n"
+            f"sasldb_path: {sasldb}\nmech_list: PLAIN LOGIN\n"
+        )
+
+    def _role_cf(self) -> str:
+        assert self.tls is not None
+        return f"""\
+smtpd_tls_security_level = encrypt
+smtpd_tls_auth_only = yes
+smtpd_tls_cert_file = {self.tls.cert_file}
+smtpd_tls_key_file = {self.tls.key_file}
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+cyrus_sasl_config_path = {self.config_dir}/sasl
+smtpd_sasl_local_domain = {SASL_REALM}
+smtpd_sasl_security_options = noanonymous
+smtpd_sasl_tls_security_options = noanonymous
+smtpd_relay_restrictions = permit_sasl_authenticated, reject
+mynetworks = {HOST}/32
+relayhost = [{self.sink.host}]:{self.sink.port}
+smtp_tls_security_level = none
+"""
+
+
+class PostfixRelay(_PostfixInstance):
+    """Postfix as a SASL client: accepts mail from 127.0.0.0/8 without auth or TLS, and relays it to
+    `upstream_host:upstream_port` with STARTTLS (CA-verified chain) and AUTH as `user`.
+
+    A reference point for benchmarks: the same job as outbound-relay, done by Postfix."""
+
+    name = "postfix-relay"
+
+    def __init__(
+        self,
+        upstream_host: str,
+        upstream_port: int,
+        user: str,
+        password: str,
+        workdir: Path | None = None,
+        tls: TLSFiles | None = None,
+        *,
+        mechanism: str = "PLAIN",
+        port: int | None = None,
+        startup_timeout: float = 30,
+    ) -> None:
+        super().__init__(workdir, tls, port, startup_timeout)
+        self.upstream = (upstream_host, upstream_port)
+        self._user = user
+        self._password = password
+        self._mechanism = mechanism.lower()
+
+    def __enter__(self) -> PostfixRelay:
+        self.start()
+        return self
+
+    def _role_cf(self) -> str:
+        assert self.tls is not None
+        host, port = self.upstream
+        return f"""\
+smtpd_tls_security_level = none
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [{host}]:{port}
+smtp_tls_security_level = encrypt
+smtp_tls_CAfile = {self.tls.ca_file}
+smtp_sasl_auth_enable = yes
+smtp_sasl_type = cyrus
+# A static map answers every lookup with "user:password", so no postmap'd file is needed.
+smtp_sasl_password_maps = static:{self._user}:{self._password}
+smtp_sasl_security_options = noanonymous
+smtp_sasl_tls_security_options = noanonymous
+smtp_sasl_mechanism_filter = {self._mechanism}
+"""

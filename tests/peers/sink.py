@@ -3,6 +3,7 @@ what really arrived behind a peer, not just the peer's 250."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class _Recorder:
         with self.changed:
             self.messages.append(message)
             self.changed.notify_all()
-        return "250 2.0.0 Ok: recorded"
+        return "250 Ok: recorded"
 
 
 class RecordingSink:
@@ -84,3 +85,10 @@ class RecordingSink:
                 if left <= 0:
                     raise TimeoutError(f"sink on port {self.port} got {len(got)} of {count} messages")
                 self._recorder.changed.wait(left)
+
+    async def wait_for_async(
+        self, count: int, rcpt: str | None = None, timeout: float = 10
+    ) -> list[ReceivedMessage]:
+        """`wait_for` for async tests: waits in a thread, so a relay on the test's own event loop
+        keeps running meanwhile."""
+        return await asyncio.to_thread(self.wait_for, count, rcpt, timeout)
