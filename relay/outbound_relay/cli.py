@@ -139,6 +139,9 @@ def _import_momentum(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     sys.stdout.write(output)
+    for line in output.splitlines():
+        if line.startswith("# warning:"):
+            print(line.removeprefix("# "), file=sys.stderr)  # also where a person at a terminal sees it
     return 0
 
 
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path)
     imp.add_argument("--namespace", default="default")
     imp.add_argument("--relay-config", action="store_true", help="emit a relay.yaml instead")
+    imp.add_argument("--strict", action="store_true", help="fail on Momentum keys that are not converted")
     imp.set_defaults(run=_import_momentum)
     return parser
 

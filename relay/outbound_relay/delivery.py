@@ -179,7 +179,8 @@ class RelayHandler:
                     password=overrides.get(pass_key),
                 )
             except ValueError as error:
-                raise RouteMisconfigured(f"hook set {type_key}: {error}") from None
+                self.metrics.hook_errors.labels(kind="error").inc()
+                raise HookFailed(f"hook set {type_key}: {error}") from None
         return route, content
 
     async def _send(self, route: Route, mail_from: str, rcpt_tos: list[str], content: bytes) -> str:

@@ -1,0 +1,1 @@
+"""Micro-benchmarks: `python -m bench.<name>` from the repository root."""
