@@ -130,7 +130,11 @@ def _import_momentum(args: argparse.Namespace) -> int:
     try:
         text = args.file.read_text(encoding="utf-8")
         output = convert(
-            text, source=str(args.file), namespace=args.namespace, relay_config=args.relay_config
+            text,
+            source=str(args.file),
+            namespace=args.namespace,
+            relay_config=args.relay_config,
+            strict=args.strict,
         )
     except OSError as error:
         print(f"{args.file}: cannot be read: {error.strerror}", file=sys.stderr)

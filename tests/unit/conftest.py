@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tests.peers.certs import TLSFiles, make_tls_files
 
 

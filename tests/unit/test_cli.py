@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from outbound_relay.cli import main
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, submit, write_config
 from tests.support.upstream import AuthUpstream
-
-from outbound_relay.cli import main
 
 EXPLAIN_CONFIG = {
     "bindingGroups": {"marketing": ["bulk-a"]},
@@ -147,3 +147,51 @@ async def test_serve_refuses_a_bad_config(config_path: Path) -> None:
     _, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"listen.host: must be a loopback address" in err
+
+
+SEED_CONF = """\
+outbound_smtp_auth { }
+
+Keep_Message_Dicts_In_Memory = true
+
+Domain "messagesystems.com" {
+  Outbound_SMTP_AUTH_Type = "LOGIN"
+  Outbound_SMTP_AUTH_User = "msys"
+  Outbound_SMTP_AUTH_Pass = "msys"
+}
+
+Domain "sparkpost.com" {
+  Outbound_SMTP_AUTH_Type = "PLAIN"
+  Outbound_SMTP_AUTH_user = "sparkpost"
+  Outbound_SMTP_AUTH_pass = "sparkpost"
+  Max_Outbound_Connections = 20
+}
+"""
+
+
+def test_import_momentum_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "ecelerity.conf"
+    conf.write_text(SEED_CONF)
+    assert main(["import-momentum", str(conf), "--namespace", "mail"]) == 0
+    out = capsys.readouterr()
+    docs = [d for d in yaml.safe_load_all(out.out) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["OutboundAuthPolicy", "OutboundAuthPolicy", "Secret", "Secret"]
+    assert all(d["metadata"]["namespace"] == "mail" for d in docs)
+    # The unconverted key is reported by name and line, on stderr too.
+    assert "Max_Outbound_Connections" in out.err and ":15" in out.err
+
+    assert main(["import-momentum", str(conf), "--relay-config"]) == 0
+    relay_yaml = tmp_path / "relay.yaml"
+    relay_yaml.write_text(capsys.readouterr().out)
+    assert main(["check", "--config", str(relay_yaml)]) == 0
+
+    assert main(["import-momentum", str(conf), "--strict"]) == 2
+    assert "Max_Outbound_Connections" in capsys.readouterr().err
+
+
+def test_import_momentum_malformed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    conf = tmp_path / "ecelerity.conf"
+    conf.write_text('Domain "x.com" {\n  Outbound_SMTP_AUTH_Type = "PLAIN"\n')
+    assert main(["import-momentum", str(conf)]) == 2
+    assert str(conf) in capsys.readouterr().err

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from outbound_relay.server import RelayServer
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream
-
-from outbound_relay.server import RelayServer
 
 SEED_TOKEN = "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA"
 SEED_USER = "test@contoso.onmicrosoft.com"

@@ -9,11 +9,11 @@ from typing import Any
 
 import aiosmtplib
 import yaml
+
+from outbound_relay.server import RelayServer
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream
-
-from outbound_relay.server import RelayServer
 
 
 def policy(port: int, tls: TLSFiles, **extra: Any) -> dict[str, Any]:

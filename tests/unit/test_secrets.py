@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.peers.certs import TLSFiles
-from tests.support.relay import message, submit, write_config
-from tests.support.upstream import AuthUpstream
 
 from outbound_relay.cli import main
 from outbound_relay.redaction import SecretRedactor
+from tests.peers.certs import TLSFiles
+from tests.support.relay import message, submit, write_config
+from tests.support.upstream import AuthUpstream
 
 SECRETS = {
     "sparkpost": "Sp4rk-secret-pw",
