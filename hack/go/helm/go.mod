@@ -1,4 +1,4 @@
-// Builds helm from helm.sh/helm/v3 (see hack/control-plane).
+// Wrapper module that builds helm.sh/helm/v3 commands; written by `hack/control-plane gomod`.
 module outbound-relay/hack/go/helm
 
 go 1.26.0
