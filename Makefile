@@ -10,10 +10,12 @@ setup:
 demo: setup
 	$(VENV)/python hack/demo.py
 
+PY_PATHS := relay operator tests bench hack/demo.py hack/control-plane
+
 lint: setup
-	$(VENV)/ruff check relay operator tests
-	$(VENV)/ruff format --check relay operator tests
-	$(VENV)/mypy relay/outbound_relay operator/outbound_operator tests
+	$(VENV)/ruff check $(PY_PATHS)
+	$(VENV)/ruff format --check $(PY_PATHS)
+	$(VENV)/mypy relay/outbound_relay operator/outbound_operator tests bench hack/demo.py hack/control-plane
 	$(VENV)/lint-imports
 
 test: lint
