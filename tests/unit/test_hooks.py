@@ -13,23 +13,7 @@ import pytest
 
 from outbound_relay.config import ConfigError, Hooks
 from outbound_relay.hooks import VCTX_MESS, HookChain, HookError, HookMessage, PythonHookMsg
-
-SEED_USER = "test@contoso.onmicrosoft.com"
-SEED_TOKEN = "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA"
-
-# The seed's first example, verbatim, inside Momentum's module boilerplate.
-SEED_LUA = """\
-local mod = {}
-function mod:outbound_smtp_auth_config(msg)
-  --print('NOTICE: outbound_smtp_auth_config Lua hook called');
-  msg:context_set(VCTX_MESS, 'outbound_smtp_auth_type', 'XOAUTH2')
-  -- credential taken from example here:
-  -- https://learn.microsoft.com/en-us/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth
-  msg:context_set(VCTX_MESS, 'outbound_smtp_auth_user', 'test@contoso.onmicrosoft.com')
-  msg:context_set(VCTX_MESS, 'outbound_smtp_auth_pass', 'EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA')
-end
-msys.registerModule("my_auth", mod)
-"""
+from tests.support.seed import SEED_LUA, SEED_TOKEN, SEED_USER
 
 HEADERS = (
     b"From: App <app@example.com>\r\nTo: a@bird.com\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"

@@ -8,21 +8,8 @@ from typing import Any
 
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.seed import SEED_LUA, SEED_TOKEN, SEED_USER
 from tests.support.upstream import AuthUpstream
-
-SEED_HOOK = """\
-local mod = {}
-function mod:outbound_smtp_auth_config(msg)
-  --print('NOTICE: outbound_smtp_auth_config Lua hook called');
-  msg:context_set(VCTX_MESS, 'outbound_smtp_auth_type', 'XOAUTH2')
-  -- credential taken from example here:
-  -- https://learn.microsoft.com/en-us/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth
-  msg:context_set(VCTX_MESS, 'outbound_smtp_auth_user', 'test@contoso.onmicrosoft.com')
-  msg:context_set(VCTX_MESS, 'outbound_smtp_auth_pass', 'EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA')
-end
-msys.registerModule("my_auth", mod)
-"""
-SEED_USER, SEED_TOKEN = "test@contoso.onmicrosoft.com", "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA"
 
 
 def scoped(port: int, tls: TLSFiles, **settings: Any) -> dict[str, Any]:
@@ -35,7 +22,7 @@ def scoped(port: int, tls: TLSFiles, **settings: Any) -> dict[str, Any]:
 
 
 async def test_seed_lua_example_switches_to_xoauth2(tls: TLSFiles, config_path: Path) -> None:
-    (config_path.parent / "auth.lua").write_text(SEED_HOOK)
+    (config_path.parent / "auth.lua").write_text(SEED_LUA)
     async with AuthUpstream(tls, users={"scoped": "scoped-pw"}, tokens={SEED_USER: SEED_TOKEN}) as up:
         write_config(
             config_path,

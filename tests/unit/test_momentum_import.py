@@ -11,31 +11,7 @@ import yaml
 from outbound_relay.config import AuthType, parse_config
 from outbound_relay.momentum_import import MomentumImportError, convert
 from outbound_relay.scopes import ScopeIndex
-
-# The seed's second example, verbatim.
-SEED_CONF = """\
-outbound_smtp_auth { }
-
-Keep_Message_Dicts_In_Memory = true
-
-Domain "messagesystems.com" {
-  Outbound_SMTP_AUTH_Type = "LOGIN"
-  Outbound_SMTP_AUTH_User = "msys"
-  Outbound_SMTP_AUTH_Pass = "msys"
-}
-
-Domain "sparkpost.com" {
-  Outbound_SMTP_AUTH_Type = "PLAIN"
-  Outbound_SMTP_AUTH_user = "sparkpost"
-  Outbound_SMTP_AUTH_pass = "sparkpost"
-}
-
-Domain "bird.com" {
-  Outbound_SMTP_AUTH_Type = "XOAUTH2"
-  Outbound_SMTP_AUTH_user = "test@contoso.onmicrosoft.com"
-  Outbound_SMTP_AUTH_pass = "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA"
-}
-"""
+from tests.support.seed import SEED_CONF
 
 NESTED_CONF = """\
 # global scope
