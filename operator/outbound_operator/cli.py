@@ -1,0 +1,117 @@
+"""`outbound-operator`: render OutboundAuthPolicy objects into each namespace's relay config Secret.
+
+Options come in groups (one `_add_*_options` each), so a feature such as the sidecar-injection webhook
+adds its own group and registers its handlers beside handlers.register() without reshaping this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import kopf
+
+from outbound_operator import handlers
+from outbound_operator.controller import Controller, ControllerSettings
+from outbound_operator.kubeapi import KubeApi, load_api_client
+from outbound_operator.metrics import OperatorMetrics
+
+log = logging.getLogger(__name__)
+
+LOG_FORMATS = {"json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL}
+
+
+def _add_scope_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what to watch")
+    where = group.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--namespace",
+        "-n",
+        dest="namespaces",
+        action="append",
+        metavar="NAMESPACE",
+        help="serve this namespace (repeat for several; kopf's glob patterns such as 'mail-*' work too)",
+    )
+    where.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
+
+
+def _add_serving_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("endpoints and logs")
+    group.add_argument("--metrics-host", default="0.0.0.0", help="address of /metrics (0.0.0.0)")
+    group.add_argument("--metrics-port", type=int, default=9426, help="port of /metrics; 0 disables (9426)")
+    group.add_argument(
+        "--liveness",
+        metavar="URL",
+        default="http://0.0.0.0:8080/healthz",
+        help="liveness endpoint for probes, served by kopf (http://0.0.0.0:8080/healthz); '' disables",
+    )
+    group.add_argument("--log-format", choices=sorted(LOG_FORMATS), default="json", help="log format (json)")
+    group.add_argument("--verbose", "-v", action="store_true", help="debug logs (never with Secret values)")
+
+
+def _add_rendering_options(parser: argparse.ArgumentParser) -> None:
+    defaults = ControllerSettings()
+    group = parser.add_argument_group("rendering")
+    group.add_argument(
+        "--debounce",
+        type=float,
+        default=defaults.debounce_seconds,
+        metavar="SECONDS",
+        help=f"wait this long after a change so a burst renders once ({defaults.debounce_seconds})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outbound-operator",
+        description="Render OutboundAuthPolicy and OutboundBindingGroup objects into the Secret "
+        "outbound-relay-config (relay.yaml) of each namespace, with status and Events.",
+    )
+    _add_scope_options(parser)
+    _add_serving_options(parser)
+    _add_rendering_options(parser)
+    return parser
+
+
+async def run(args: argparse.Namespace) -> None:
+    metrics = OperatorMetrics()
+    metrics_server = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else None
+    api_client = load_api_client()
+    controller = Controller(KubeApi(api_client), metrics, ControllerSettings(debounce_seconds=args.debounce))
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, controller)
+    log.info(
+        "outbound-operator starting: %s, metrics on %s",
+        "all namespaces" if args.all_namespaces else f"namespaces {', '.join(args.namespaces)}",
+        f"{args.metrics_host}:{args.metrics_port}" if metrics_server else "(off)",
+    )
+    try:
+        await kopf.operator(
+            registry=registry,
+            standalone=True,  # one replica; kopf's peering would need its own CRDs
+            clusterwide=args.all_namespaces,
+            namespaces=args.namespaces or (),
+            liveness_endpoint=args.liveness or None,
+        )
+    finally:
+        await controller.close()
+        api_client.close()  # type: ignore[no-untyped-call]
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
+    if not args.verbose:
+        # kopf logs every handled watch event ("Handler 'secret' succeeded."): thousands at a start.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

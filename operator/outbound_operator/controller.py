@@ -1,0 +1,382 @@
+"""Keep each namespace's rendered Secret and its policies' status in line with the cluster.
+
+kopf's watch events only say *which namespace* changed (and keep the Secret cache and the index of
+referenced Secrets current); a reconciliation then lists that namespace's policies and binding groups,
+renders them (render.py) and writes what differs. Bursts of events (a `kubectl apply` of many objects, an
+operator start) are coalesced into one reconciliation per namespace, and namespaces reconcile concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from outbound_operator.kubeapi import ConflictError, KubeApi, RenderedSecret, decode_secret_data, now_rfc3339
+from outbound_operator.metrics import OperatorMetrics, ReconcileResult
+from outbound_operator.render import (
+    BindingGroupSource,
+    PolicySource,
+    Rendering,
+    Verdict,
+    render_namespace,
+)
+from outbound_operator.resources import (
+    API_VERSION,
+    CONFIG_KEY,
+    GROUP_KIND,
+    GROUP_PLURAL,
+    MANAGED_BY_LABEL,
+    MANAGER,
+    POLICY_KIND,
+    POLICY_PLURAL,
+    RENDERED_LABELS,
+    RENDERED_SECRET,
+)
+from outbound_operator.status import readiness_event, status_of, status_patch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControllerSettings:
+    debounce_seconds: float = 0.2
+    """Seconds to wait after a change before rendering, so that a burst of changes renders once."""
+
+    retry_seconds: float = 1.0
+    """First delay before retrying a failed reconciliation; doubles on each failure in a row."""
+
+    retry_max_seconds: float = 60.0
+    """Longest delay between retries of a failing namespace."""
+
+    secret_list_threshold: int = 8
+    """Above this many uncached referenced Secrets, list the namespace's Secrets once instead of reading
+    each (an operator start with many policies)."""
+
+
+class NotManagedError(RuntimeError):
+    """A Secret named outbound-relay-config exists that the operator did not create; it is left alone."""
+
+
+def describe_error(error: BaseException) -> str:
+    """For logs: an API error's status line only (a response body could echo submitted data)."""
+    if isinstance(error, ApiException):
+        return f"Kubernetes API error {error.status} {error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+def _policy_source(body: Mapping[str, Any]) -> PolicySource:
+    metadata = body.get("metadata") or {}
+    return PolicySource(
+        name=str(metadata["name"]),
+        uid=str(metadata.get("uid", "")),
+        created=str(metadata.get("creationTimestamp", "")),
+        generation=int(metadata.get("generation", 0)),
+        spec=body.get("spec") or {},
+    )
+
+
+def _group_source(body: Mapping[str, Any]) -> BindingGroupSource:
+    metadata = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    return BindingGroupSource(
+        name=str(metadata["name"]),
+        uid=str(metadata.get("uid", "")),
+        created=str(metadata.get("creationTimestamp", "")),
+        generation=int(metadata.get("generation", 0)),
+        bindings=tuple(str(b) for b in spec.get("bindings") or ()),
+    )
+
+
+def _content_digest(data: Mapping[str, bytes], owners: Iterable[Mapping[str, Any]]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        digest.update(key.encode() + b"\0" + hashlib.sha256(data[key]).digest())
+    for owner in owners:
+        digest.update(str(owner.get("uid")).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _live(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Objects being deleted no longer count: their scope and bindings are released at once."""
+    return [item for item in items if not (item.get("metadata") or {}).get("deletionTimestamp")]
+
+
+@dataclass
+class NamespaceState:
+    refs: dict[str, frozenset[str]] = field(default_factory=dict)  # policy name -> Secret names it reads
+    referenced: frozenset[str] = frozenset()
+    secrets: dict[str, dict[str, bytes] | None] = field(default_factory=dict)  # None: known to be missing
+    # uid -> (generation, status) last written or confirmed: the watch events our own writes cause.
+    confirmed: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    written_digest: str | None = None  # content of the rendered Secret as last written or confirmed
+    dirty: bool = False
+    failures: int = 0
+    task: asyncio.Task[None] | None = None
+    retry: asyncio.TimerHandle | None = None
+
+    def set_refs(self, policy: str, names: frozenset[str] | None) -> None:
+        if names:
+            self.refs[policy] = names
+        else:
+            self.refs.pop(policy, None)
+        self.referenced = frozenset().union(*self.refs.values())
+
+
+class Controller:
+    def __init__(
+        self, api: KubeApi, metrics: OperatorMetrics, settings: ControllerSettings | None = None
+    ) -> None:
+        self.api = api
+        self.metrics = metrics
+        self.settings = settings or ControllerSettings()
+        self._states: dict[str, NamespaceState] = {}
+        self._closed = False
+
+    def _state(self, namespace: str) -> NamespaceState:
+        return self._states.setdefault(namespace, NamespaceState())
+
+    # --- what the watch events tell -------------------------------------------------------------------
+
+    def watches_secret(self, namespace: str, name: str) -> bool:
+        """The Secret index: only the Secrets some policy reads, and the rendered one, are of interest."""
+        if name == RENDERED_SECRET:
+            return True
+        state = self._states.get(namespace)
+        return state is not None and name in state.referenced
+
+    def policy_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        state = self._state(namespace)
+        source = _policy_source(body)
+        state.set_refs(
+            source.name, None if deleted else frozenset(r.name for r in source.secret_refs().values())
+        )
+        if not deleted and self._caused_by_us(state, body):
+            return
+        self.touch(namespace)
+
+    def group_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        state = self._state(namespace)
+        if not deleted and self._caused_by_us(state, body):
+            return
+        self.touch(namespace)
+
+    def secret_changed(self, namespace: str, name: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        state = self._state(namespace)
+        if name == RENDERED_SECRET:
+            metadata = body.get("metadata") or {}
+            seen = _content_digest(
+                decode_secret_data(body.get("data")), metadata.get("ownerReferences") or ()
+            )
+            if deleted or seen != state.written_digest:
+                self.touch(namespace)  # edited or deleted by someone else: put it back
+            return
+        if name in state.referenced:
+            state.secrets[name] = None if deleted else decode_secret_data(body.get("data"))
+            self.touch(namespace)
+
+    @staticmethod
+    def _caused_by_us(state: NamespaceState, body: Mapping[str, Any]) -> bool:
+        metadata = body.get("metadata") or {}
+        seen = state.confirmed.get(str(metadata.get("uid")))
+        return seen is not None and seen == (int(metadata.get("generation", 0)), body.get("status") or {})
+
+    # --- scheduling -------------------------------------------------------------------------------------
+
+    def touch(self, namespace: str) -> None:
+        """Mark the namespace for a reconciliation soon; one runs at a time per namespace."""
+        if self._closed:
+            return
+        state = self._state(namespace)
+        state.dirty = True
+        if state.task is None or state.task.done():
+            state.task = asyncio.get_running_loop().create_task(
+                self._run(namespace, state), name=f"reconcile {namespace}"
+            )
+
+    async def _run(self, namespace: str, state: NamespaceState) -> None:
+        while state.dirty:
+            await asyncio.sleep(self.settings.debounce_seconds)
+            state.dirty = False
+            try:
+                await self.reconcile(namespace)
+            except ConflictError:
+                log.info("namespace %s changed while being written; reconciling again", namespace)
+                self.metrics.reconciles.labels(result=ReconcileResult.ERROR.value).inc()
+                state.dirty = True
+            except Exception as error:
+                self.metrics.reconciles.labels(result=ReconcileResult.ERROR.value).inc()
+                delay = min(self.settings.retry_seconds * 2**state.failures, self.settings.retry_max_seconds)
+                state.failures += 1
+                log.error(
+                    "namespace %s: reconciliation failed (%s); the rendered Secret in place is kept, "
+                    "retrying in %.1fs",
+                    namespace,
+                    describe_error(error),
+                    delay,
+                )
+                if state.retry is not None:
+                    state.retry.cancel()
+                state.retry = asyncio.get_running_loop().call_later(delay, self.touch, namespace)
+            else:
+                state.failures = 0
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = []
+        for state in self._states.values():
+            if state.retry is not None:
+                state.retry.cancel()
+            if state.task is not None:
+                state.task.cancel()
+                tasks.append(state.task)
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def health(self) -> dict[str, int]:
+        return {
+            "namespaces": len(self._states),
+            "failing": sum(1 for s in self._states.values() if s.failures),
+        }
+
+    # --- one reconciliation -----------------------------------------------------------------------------
+
+    async def reconcile(self, namespace: str) -> ReconcileResult:
+        started = time.perf_counter()
+        state = self._state(namespace)
+        policy_bodies, group_bodies = await asyncio.gather(
+            self.api.list_custom(namespace, POLICY_PLURAL), self.api.list_custom(namespace, GROUP_PLURAL)
+        )
+        policy_bodies, group_bodies = _live(policy_bodies), _live(group_bodies)
+        policies = [_policy_source(body) for body in policy_bodies]
+        state.refs = {}
+        for policy in policies:
+            state.set_refs(policy.name, frozenset(r.name for r in policy.secret_refs().values()))
+        await self._load_secrets(namespace, state)
+        values = {name: data for name, data in state.secrets.items() if data is not None}
+        rendering = render_namespace(namespace, policies, map(_group_source, group_bodies), values)
+        result = await self._write_rendered(namespace, state, rendering, has_policies=bool(policies))
+        await self._write_statuses(
+            namespace, state, POLICY_PLURAL, POLICY_KIND, policy_bodies, rendering.policies
+        )
+        await self._write_statuses(namespace, state, GROUP_PLURAL, GROUP_KIND, group_bodies, rendering.groups)
+        live = {str((b.get("metadata") or {}).get("uid")) for b in (*policy_bodies, *group_bodies)}
+        state.confirmed = {uid: seen for uid, seen in state.confirmed.items() if uid in live}
+        self.metrics.set_policies(namespace, rendering.policies)
+        self.metrics.reconciles.labels(result=result.value).inc()
+        elapsed = time.perf_counter() - started
+        self.metrics.duration.observe(elapsed)
+        ready = sum(1 for v in rendering.policies.values() if v.ready.status)
+        log.info(
+            "namespace %s: %s %s (%d policies, %d ready, %d binding groups, relay.yaml %s) in %.3fs",
+            namespace,
+            result.value,
+            RENDERED_SECRET,
+            len(policies),
+            ready,
+            len(group_bodies),
+            hashlib.sha256(rendering.data[CONFIG_KEY]).hexdigest()[:12],
+            elapsed,
+        )
+        return result
+
+    async def _load_secrets(self, namespace: str, state: NamespaceState) -> None:
+        """Fill the cache for every referenced Secret. A watch event that lands meanwhile wins over what a
+        read returns (setdefault), so an older read never replaces a newer event."""
+        for name in list(state.secrets):
+            if name not in state.referenced:
+                del state.secrets[name]  # no longer read by any policy: its events are no longer seen
+        unknown = sorted(state.referenced - state.secrets.keys())
+        if len(unknown) > self.settings.secret_list_threshold:
+            found = {
+                str(item["metadata"]["name"]): decode_secret_data(item.get("data"))
+                for item in await self.api.list_secrets(namespace)
+                if item["metadata"]["name"] in state.referenced
+            }
+            for name in unknown:
+                state.secrets.setdefault(name, found.get(name))
+        elif unknown:
+            bodies = await asyncio.gather(*(self.api.read_secret(namespace, name) for name in unknown))
+            for name, body in zip(unknown, bodies, strict=True):
+                state.secrets.setdefault(name, None if body is None else decode_secret_data(body.get("data")))
+
+    async def _write_rendered(
+        self, namespace: str, state: NamespaceState, rendering: Rendering, *, has_policies: bool
+    ) -> ReconcileResult:
+        current = await self.api.read_rendered(namespace)
+        if current is not None and current.labels.get(MANAGED_BY_LABEL) != MANAGER:
+            raise NotManagedError(
+                f"Secret {namespace}/{RENDERED_SECRET} exists but is not labelled "
+                f"{MANAGED_BY_LABEL}={MANAGER}; delete it (or add the label) to let the operator write it"
+            )
+        if not has_policies:
+            # The garbage collector would delete it too (no owner left); deleting now is quicker.
+            if current is None:
+                return ReconcileResult.UNCHANGED
+            await self.api.delete_rendered(namespace, current)
+            return ReconcileResult.WRITTEN
+        # Set before writing: the watch event of our own write may arrive before the write returns.
+        state.written_digest = _content_digest(rendering.data, rendering.owners)
+        if current is not None and self._same(current, rendering):
+            return ReconcileResult.UNCHANGED
+        await self.api.write_rendered(
+            namespace, data=rendering.data, owners=rendering.owners, labels=RENDERED_LABELS, current=current
+        )
+        return ReconcileResult.WRITTEN
+
+    @staticmethod
+    def _same(current: RenderedSecret, rendering: Rendering) -> bool:
+        return (
+            current.data == rendering.data
+            and list(current.owners) == list(rendering.owners)
+            and current.labels == RENDERED_LABELS
+        )
+
+    async def _write_statuses(
+        self,
+        namespace: str,
+        state: NamespaceState,
+        plural: str,
+        kind: str,
+        bodies: list[dict[str, Any]],
+        verdicts: Mapping[str, Verdict],
+    ) -> None:
+        now = now_rfc3339()
+
+        async def one(body: dict[str, Any]) -> None:
+            metadata = body["metadata"]
+            verdict = verdicts[metadata["name"]]
+            current = body.get("status") or {}
+            new = status_of(verdict, current, now=now)
+            patch = status_patch(new, current)
+            # Recorded before patching: the watch event of the patch may arrive before the patch returns.
+            state.confirmed[str(metadata.get("uid"))] = (int(metadata.get("generation", 0)), new)
+            if patch is not None and not await self.api.patch_status(
+                plural, namespace, metadata["name"], patch
+            ):
+                return  # deleted meanwhile
+            note = readiness_event(verdict, current)
+            if note is not None:
+                involved = {
+                    "apiVersion": API_VERSION,
+                    "kind": kind,
+                    "name": metadata["name"],
+                    "namespace": namespace,
+                    "uid": str(metadata.get("uid", "")),
+                }
+                try:
+                    await self.api.post_event(
+                        involved, type=note.type, reason=note.reason, message=note.message
+                    )
+                except ApiException as error:  # an Event is best effort; the status says it all
+                    log.warning("namespace %s: Event not posted (%s)", namespace, describe_error(error))
+
+        await asyncio.gather(*(one(body) for body in bodies))

@@ -1,0 +1,220 @@
+"""The operator against the real API server: status, Events, the rendered Secret, restarts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from outbound_operator.resources import MANAGED_BY_LABEL, MANAGER
+from tests.operator.cluster import Objects, call_json, wait_for
+from tests.operator.conftest import StartOperator
+
+
+def spec(domain: str | None, secret: str, **extra: Any) -> dict[str, Any]:
+    return {
+        **({"scope": {"domain": domain}} if domain else {}),
+        "type": "PLAIN",
+        "user": secret,
+        "passwordSecretRef": {"name": secret, "key": "password"},
+        **extra,
+    }
+
+
+def assert_no_secret_in(text: str, *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in text, "a Secret value leaked"
+
+
+def test_missing_secret_then_ready_without_restart(objects: Objects, start_operator: StartOperator) -> None:
+    ns = objects.namespace
+    objects.put_secret("global", {"password": "Gl0bal-pw"})
+    objects.apply_policy("global", spec(None, "global"))
+    objects.apply_policy("sparkpost", spec("sparkpost.com", "sparkpost-smtp"))
+    operator = start_operator()
+
+    missing = objects.wait_condition("sparkpost", "SecretMissing", "True")
+    assert missing["reason"] == "SecretNotFound"
+    assert missing["message"] == f"Secret {ns}/sparkpost-smtp not found"
+    ready = objects.condition("sparkpost", "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "SecretNotFound"
+    assert "deferred with a temporary failure (4xx)" in ready["message"]
+    assert "not sent with a wider scope's credentials" in ready["message"]
+    assert objects.policy("sparkpost")["status"]["resolvedScope"] == "domain=sparkpost.com"
+    objects.wait_condition("global", "Ready", "True")
+    rendered = objects.rendered_policies()
+    assert rendered[f"{ns}/sparkpost"] == {
+        "name": f"{ns}/sparkpost",
+        "scope": {"domain": "sparkpost.com"},
+        "suspended": f"Secret {ns}/sparkpost-smtp not found",
+    }
+    assert rendered[f"{ns}/global"]["password"] == "Gl0bal-pw"
+    assert ("Warning", "SecretNotFound") in [e[:2] for e in objects.events("sparkpost")]
+    wait_for(lambda: operator.metric("outbound_operator_policies", condition="SecretMissing") == 1)
+
+    objects.put_secret("sparkpost-smtp", {"password": "Sp4rk-pw"})
+    objects.wait_condition("sparkpost", "Ready", "True")
+    assert objects.condition("sparkpost", "SecretMissing")["status"] == "False"
+    wait_for(lambda: objects.rendered_policies()[f"{ns}/sparkpost"].get("password") == "Sp4rk-pw")
+    assert ("Normal", "Rendered") in [e[:2] for e in objects.events("sparkpost")]
+    wait_for(lambda: operator.metric("outbound_operator_policies", condition="Ready") == 2)
+
+    # A key that goes away: the last value is not kept in the config.
+    objects.put_secret("sparkpost-smtp", {"other": "x"})
+    missing = objects.wait_condition("sparkpost", "SecretMissing", "True")
+    assert missing["message"] == f"Secret {ns}/sparkpost-smtp has no key 'password'"
+    wait_for(lambda: "suspended" in objects.rendered_policies()[f"{ns}/sparkpost"])
+    assert "password" not in objects.rendered_policies()[f"{ns}/sparkpost"]
+
+    # A deleted Secret: the same.
+    objects.put_secret("sparkpost-smtp", {"password": "Sp4rk-pw2"})
+    objects.wait_condition("sparkpost", "Ready", "True")
+    objects.delete_secret("sparkpost-smtp")
+    objects.wait_condition("sparkpost", "SecretMissing", "True")
+    wait_for(lambda: "password" not in objects.rendered_policies()[f"{ns}/sparkpost"])
+    policy = objects.policy("sparkpost")
+    assert_no_secret_in(str(policy["status"]) + str(objects.events("sparkpost")), "Sp4rk-pw", "Gl0bal-pw")
+    assert_no_secret_in(operator.logs() + operator.metrics(), "Sp4rk-pw", "Gl0bal-pw")
+
+
+def test_conflict_older_policy_wins_and_deletion_removes(
+    objects: Objects, start_operator: StartOperator
+) -> None:
+    ns = objects.namespace
+    objects.put_secret("a", {"password": "pw-a"})
+    objects.put_secret("b", {"password": "pw-b"})
+    objects.apply_policy("zz-older", spec("example.com", "a"))
+    time.sleep(1.1)  # creationTimestamp has a one-second resolution
+    objects.apply_policy("aa-younger", spec("EXAMPLE.com", "b"))
+    start_operator()
+
+    conflict = objects.wait_condition("aa-younger", "Conflict", "True")
+    assert conflict["reason"] == "ScopeTaken"
+    assert conflict["message"] == f"scope domain=example.com is held by the older policy {ns}/zz-older"
+    assert objects.condition("aa-younger", "Ready")["status"] == "False"
+    objects.wait_condition("zz-older", "Ready", "True")
+    assert list(objects.rendered_policies()) == [f"{ns}/zz-older"]
+    rendered = objects.rendered()
+    assert rendered is not None
+    assert sorted(o["name"] for o in rendered["metadata"]["ownerReferences"]) == ["aa-younger", "zz-older"]
+    assert ("Warning", "ScopeTaken") in [e[:2] for e in objects.events("aa-younger")]
+
+    objects.delete_policy("zz-older")
+    objects.wait_condition("aa-younger", "Ready", "True")
+    assert objects.condition("aa-younger", "Conflict")["status"] == "False"
+    wait_for(lambda: list(objects.rendered_policies()) == [f"{ns}/aa-younger"])
+    assert objects.rendered_policies()[f"{ns}/aa-younger"]["password"] == "pw-b"
+
+    objects.delete_policy("aa-younger")
+    wait_for(lambda: objects.rendered() is None, what="the rendered Secret to go with the last policy")
+
+
+def test_binding_groups(objects: Objects, start_operator: StartOperator) -> None:
+    ns = objects.namespace
+    objects.put_secret("m", {"password": "pw-m"})
+    objects.apply_group("marketing", ["bulk-a", "bulk-b"])
+    objects.apply_policy("marketing", spec(None, "m", scope={"bindingGroup": "marketing"}))
+    objects.apply_policy("promo", spec(None, "m", scope={"bindingGroup": "promo"}))
+    start_operator()
+
+    objects.wait_condition("marketing", "Ready", "True")
+    invalid = objects.wait_condition("promo", "Invalid", "True")
+    assert invalid["reason"] == "UnknownBindingGroup"
+    objects.wait_condition("marketing", "Ready", "True", plural="outboundbindinggroups")
+    assert objects.relay_yaml()["bindingGroups"] == {"marketing": ["bulk-a", "bulk-b"]}
+
+    objects.apply_group("promo", ["bulk-b", "promo-a"])  # bulk-b is taken by the older group
+    objects.wait_condition("promo", "Ready", "True")
+    conflict = objects.wait_condition("promo", "Conflict", "True", plural="outboundbindinggroups")
+    assert conflict["message"] == "binding 'bulk-b' is in the older group marketing"
+    wait_for(
+        lambda: (
+            objects.relay_yaml()["bindingGroups"] == {"marketing": ["bulk-a", "bulk-b"], "promo": ["promo-a"]}
+        )
+    )
+    assert sorted(objects.rendered_policies()) == [f"{ns}/marketing", f"{ns}/promo"]
+
+
+def test_oauth2_policy_is_invalid_and_suspended(objects: Objects, start_operator: StartOperator) -> None:
+    objects.put_secret("bird", {"token": "t0ken", "refresh": "r3fresh"})
+    objects.apply_policy(
+        "bird",
+        {
+            "scope": {"domain": "bird.com"},
+            "type": "XOAUTH2",
+            "user": "test@contoso.onmicrosoft.com",
+            "passwordSecretRef": {"name": "bird", "key": "token"},
+            "oauth2": {
+                "tokenURL": "https://login.example/token",
+                "refreshTokenSecretRef": {"name": "bird", "key": "refresh"},
+            },
+        },
+    )
+    start_operator()
+    invalid = objects.wait_condition("bird", "Invalid", "True")
+    assert invalid["reason"] == "OAuth2NotSupported"
+    rendered = objects.rendered_policies()[f"{objects.namespace}/bird"]
+    assert "suspended" in rendered and "password" not in rendered
+
+
+def test_restart_converges_byte_for_byte(objects: Objects, start_operator: StartOperator) -> None:
+    objects.put_secret("a", {"password": "pw-a"})
+    objects.apply_group("marketing", ["bulk-a"])
+    objects.apply_policy("global", spec(None, "a"))
+    objects.apply_policy("marketing", spec(None, "a", scope={"bindingGroup": "marketing"}))
+    objects.apply_policy("missing", spec("example.com", "nope"))
+    objects.apply_policy("zz-dup", spec(None, "a"))
+    first = start_operator()
+    objects.wait_condition("global", "Ready", "True")
+    objects.wait_condition("missing", "SecretMissing", "True")
+    objects.wait_condition("zz-dup", "Conflict", "True")
+    wait_for(lambda: first.metric("outbound_operator_reconcile_total", result="written") >= 1)
+    time.sleep(0.5)  # let any late status write land before comparing
+    before = objects.rendered()
+    assert before is not None
+    assert before["metadata"]["labels"][MANAGED_BY_LABEL] == MANAGER
+    versions = {
+        name: objects.policy(name)["metadata"]["resourceVersion"] for name in ("global", "missing", "zz-dup")
+    }
+    events = len(objects.events("missing"))
+    first.stop()
+
+    second = start_operator()
+    wait_for(lambda: second.metric("outbound_operator_reconcile_total", result="unchanged") >= 1)
+    after = objects.rendered()
+    assert after is not None
+    assert after["data"] == before["data"]
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]  # not rewritten
+    assert second.metric("outbound_operator_reconcile_total", result="written") == 0
+    assert {name: objects.policy(name)["metadata"]["resourceVersion"] for name in versions} == versions
+    assert len(objects.events("missing")) == events
+
+
+def test_rendered_secret_is_repaired_and_garbage_collected(
+    objects: Objects, start_operator: StartOperator
+) -> None:
+    objects.put_secret("a", {"password": "pw-a"})
+    objects.apply_policy("global", spec(None, "a"))
+    operator = start_operator()
+    objects.wait_condition("global", "Ready", "True")
+    good = objects.rendered_data()
+
+    secret = objects.rendered()
+    assert secret is not None
+    secret["data"] = {"relay.yaml": "aGFja2Vk"}
+    call_json(objects.core.replace_namespaced_secret, secret["metadata"]["name"], objects.namespace, secret)
+    wait_for(lambda: objects.rendered_data() == good, what="the operator to undo a manual edit")
+
+    operator.stop()
+    objects.delete_policy("global")
+    # The garbage collector deletes the Secret once no owner is left, with no operator running.
+    wait_for(lambda: objects.rendered() is None, timeout=60, what="garbage collection of the rendered Secret")
+
+
+def test_foreign_secret_of_that_name_is_left_alone(objects: Objects, start_operator: StartOperator) -> None:
+    objects.put_secret("outbound-relay-config", {"relay.yaml": "policies: []\n"})
+    objects.put_secret("a", {"password": "pw-a"})
+    objects.apply_policy("global", spec(None, "a"))
+    operator = start_operator()
+    wait_for(lambda: operator.metric("outbound_operator_reconcile_total", result="error") >= 1)
+    assert objects.rendered_data() == {"relay.yaml": b"policies: []\n"}
+    assert "is not labelled app.kubernetes.io/managed-by=outbound-operator" in operator.logs()

@@ -1,0 +1,291 @@
+"""render.py and status.py on their own: what a namespace's objects render to, without a cluster."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from outbound_operator.render import (
+    YAML_DUMPER,
+    YAML_STYLE,
+    BindingGroupSource,
+    ConditionType,
+    PolicySource,
+    Verdict,
+    render_namespace,
+)
+from outbound_operator.status import readiness_event, status_of, status_patch
+from outbound_relay.config import load_config
+from outbound_relay.scopes import ScopeIndex
+from tests.peers.certs import TLSFiles, make_tls_files
+
+NS = "mail"
+
+
+def policy(name: str, created: str = "2026-01-01T00:00:00Z", **spec: Any) -> PolicySource:
+    spec.setdefault("type", "PLAIN")
+    if "user" not in spec and "userSecretRef" not in spec:
+        spec["user"] = name
+    spec.setdefault("passwordSecretRef", {"name": f"{name}-smtp", "key": "password"})
+    return PolicySource(name=name, uid=f"uid-{name}", created=created, generation=1, spec=spec)
+
+
+def secrets_for(*policies: PolicySource) -> dict[str, dict[str, bytes]]:
+    return {f"{p.name}-smtp": {"password": f"pw-{p.name}".encode()} for p in policies}
+
+
+def relay_yaml(data: dict[str, bytes]) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(data["relay.yaml"])
+    return loaded
+
+
+def by_name(data: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in relay_yaml(data)["policies"]}
+
+
+def cond(verdict: Verdict, kind: ConditionType) -> tuple[bool, str, str]:
+    c = verdict.condition(kind)
+    return c.status, c.reason, c.message
+
+
+def test_seed_domains_render_with_their_settings() -> None:
+    policies = [
+        policy("msys", scope={"domain": "messagesystems.com"}, type="LOGIN"),
+        policy(
+            "sparkpost",
+            scope={"domain": "sparkpost.com"},
+            gateway={"host": "smtp.sparkpost.com", "port": 587},
+        ),
+        policy("bird", scope={"domain": "bird.com"}, type="XOAUTH2", user="test@contoso.onmicrosoft.com"),
+    ]
+    rendering = render_namespace(NS, policies, [], secrets_for(*policies))
+    rendered = by_name(rendering.data)
+    assert rendered["mail/msys"] == {
+        "name": "mail/msys",
+        "scope": {"domain": "messagesystems.com"},
+        "type": "LOGIN",
+        "user": "msys",
+        "password": "pw-msys",
+    }
+    assert rendered["mail/sparkpost"]["gateway"] == {"host": "smtp.sparkpost.com", "port": 587}
+    assert rendered["mail/bird"]["type"] == "XOAUTH2"
+    assert all(v.ready.status for v in rendering.policies.values())
+    assert rendering.policies["bird"].resolved_scope == "domain=bird.com"
+    assert [o["name"] for o in rendering.owners] == ["bird", "msys", "sparkpost"]
+
+
+def test_output_is_the_same_bytes_whatever_the_input_order() -> None:
+    policies = [policy(f"p{i}", scope={"domain": f"d{i}.example"}) for i in range(30)]
+    groups = [BindingGroupSource(name="g", uid="g", created="t", generation=1, bindings=("b", "a"))]
+    first = render_namespace(NS, policies, groups, secrets_for(*policies))
+    shuffled = list(policies)
+    random.Random(7).shuffle(shuffled)
+    again = render_namespace(NS, shuffled, groups, dict(reversed(secrets_for(*policies).items())))
+    assert first.data == again.data
+    assert first.owners == again.owners
+    assert relay_yaml(first.data)["bindingGroups"] == {"g": ["a", "b"]}
+
+
+def test_older_policy_holds_a_scope_the_younger_gets_conflict() -> None:
+    old = policy("zeta", created="2026-01-01T00:00:00Z", scope={"domain": "Example.COM"})
+    young = policy("alpha", created="2026-01-02T00:00:00Z", scope={"domain": "example.com"})
+    rendering = render_namespace(NS, [young, old], [], secrets_for(old, young))
+    assert list(by_name(rendering.data)) == ["mail/zeta"]
+    status, reason, message = cond(rendering.policies["alpha"], ConditionType.CONFLICT)
+    assert (status, reason) == (True, "ScopeTaken")
+    assert "mail/zeta" in message
+    assert rendering.policies["alpha"].ready.reason == "ScopeTaken"
+    assert rendering.policies["zeta"].ready.status
+
+
+def test_same_creation_time_the_name_decides() -> None:
+    a, b = policy("a"), policy("b")
+    rendering = render_namespace(NS, [b, a], [], secrets_for(a, b))
+    assert list(by_name(rendering.data)) == ["mail/a"]
+    assert cond(rendering.policies["b"], ConditionType.CONFLICT)[0]
+
+
+def test_missing_secret_suspends_the_policy_without_credentials() -> None:
+    good = policy("global")
+    broken = policy("sparkpost", scope={"domain": "sparkpost.com"}, tls={"mode": "starttls", "verify": True})
+    rendering = render_namespace(NS, [good, broken], [], secrets_for(good))
+    rendered = by_name(rendering.data)
+    assert rendered["mail/sparkpost"] == {
+        "name": "mail/sparkpost",
+        "scope": {"domain": "sparkpost.com"},
+        "suspended": "Secret mail/sparkpost-smtp not found",
+    }
+    assert rendered["mail/global"]["password"] == "pw-global"  # the other policy is untouched
+    verdict = rendering.policies["sparkpost"]
+    assert cond(verdict, ConditionType.SECRET_MISSING) == (
+        True,
+        "SecretNotFound",
+        "Secret mail/sparkpost-smtp not found",
+    )
+    assert not verdict.ready.status
+    assert "deferred with a temporary failure (4xx)" in verdict.ready.message
+    assert "not sent with a wider scope's credentials" in verdict.ready.message
+    # The relay defers that domain's mail instead of using the global policy's credentials.
+    route = ScopeIndex(rendering.config).route("sparkpost.com", "default")
+    assert route.suspended is not None and route.password is None
+
+
+def test_missing_key_names_the_key() -> None:
+    p = policy("p")
+    rendering = render_namespace(NS, [p], [], {"p-smtp": {"pass": b"x"}})
+    assert cond(rendering.policies["p"], ConditionType.SECRET_MISSING) == (
+        True,
+        "SecretKeyNotFound",
+        "Secret mail/p-smtp has no key 'password'",
+    )
+
+
+def test_user_from_secret_and_trailing_newline_dropped() -> None:
+    p = policy(
+        "p", userSecretRef={"name": "creds", "key": "user"}, passwordSecretRef={"name": "creds", "key": "pw"}
+    )
+    rendering = render_namespace(NS, [p], [], {"creds": {"user": b"someone\n", "pw": b"s3cret\r\n"}})
+    assert by_name(rendering.data)["mail/p"] | {} == {
+        "name": "mail/p",
+        "scope": {},
+        "type": "PLAIN",
+        "user": "someone",
+        "password": "s3cret",
+    }
+
+
+def test_secret_value_that_is_not_text_is_invalid() -> None:
+    p = policy("p")
+    rendering = render_namespace(NS, [p], [], {"p-smtp": {"password": b"\xff\xfe"}})
+    assert cond(rendering.policies["p"], ConditionType.INVALID)[:2] == (True, "InvalidSecretValue")
+    assert "suspended" in by_name(rendering.data)["mail/p"]
+
+
+def test_oauth2_is_not_supported_yet_and_says_so() -> None:
+    p = policy("bird", type="XOAUTH2", oauth2={"tokenURL": "https://login.example/token"})
+    rendering = render_namespace(NS, [p], [], secrets_for(p))
+    status, reason, message = cond(rendering.policies["bird"], ConditionType.INVALID)
+    assert (status, reason) == (True, "OAuth2NotSupported")
+    assert "not supported" in message
+    assert "password" not in by_name(rendering.data)["mail/bird"]
+
+
+def test_binding_groups_and_their_conflicts() -> None:
+    groups = [
+        BindingGroupSource(
+            name="marketing", uid="1", created="2026-01-01T00:00:00Z", generation=1, bindings=("a", "b")
+        ),
+        BindingGroupSource(
+            name="late", uid="2", created="2026-01-02T00:00:00Z", generation=3, bindings=("b", "c")
+        ),
+    ]
+    grouped = policy("m", scope={"bindingGroup": "marketing"})
+    unknown = policy("u", scope={"bindingGroup": "nope"})
+    rendering = render_namespace(NS, [grouped, unknown], groups, secrets_for(grouped, unknown))
+    assert relay_yaml(rendering.data)["bindingGroups"] == {"late": ["c"], "marketing": ["a", "b"]}
+    late = rendering.groups["late"]
+    assert late.generation == 3
+    assert cond(late, ConditionType.CONFLICT) == (
+        True,
+        "BindingTaken",
+        "binding 'b' is in the older group marketing",
+    )
+    assert rendering.groups["marketing"].ready.status
+    assert list(by_name(rendering.data)) == ["mail/m"]
+    assert cond(rendering.policies["u"], ConditionType.INVALID)[:2] == (True, "UnknownBindingGroup")
+
+
+def test_invalid_scope_is_reported_and_not_rendered() -> None:
+    bad = policy("bad", scope={"domain": "not a domain"})
+    good = policy("good")
+    rendering = render_namespace(NS, [bad, good], [], secrets_for(bad, good))
+    assert list(by_name(rendering.data)) == ["mail/good"]
+    status, reason, message = cond(rendering.policies["bad"], ConditionType.INVALID)
+    assert (status, reason) == (True, "InvalidScope")
+    assert "not a domain name" in message
+
+
+def test_ca_bundle_is_a_key_beside_relay_yaml(tmp_path: Path) -> None:
+    tls: TLSFiles = make_tls_files(tmp_path / "tls")
+    p = policy("p", tls={"mode": "implicit", "verify": True, "caSecretRef": {"name": "ca", "key": "ca.crt"}})
+    secrets = {**secrets_for(p), "ca": {"ca.crt": tls.ca_file.read_bytes()}}
+    rendering = render_namespace(NS, [p], [], secrets)
+    assert sorted(rendering.data) == ["ca-p.pem", "relay.yaml"]
+    assert by_name(rendering.data)["mail/p"]["tls"] == {
+        "mode": "implicit",
+        "verify": True,
+        "caFile": "ca-p.pem",
+    }
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    for key, value in rendering.data.items():
+        (mount / key).write_bytes(value)
+    config = load_config(mount / "relay.yaml")
+    tls_settings = config.policies[0].tls
+    assert tls_settings is not None and tls_settings.ca_file == mount / "ca-p.pem"
+
+
+def test_ca_secret_without_a_certificate_is_invalid() -> None:
+    p = policy("p", tls={"caSecretRef": {"name": "ca", "key": "ca.crt"}})
+    rendering = render_namespace(NS, [p], [], {**secrets_for(p), "ca": {"ca.crt": b"hello"}})
+    assert cond(rendering.policies["p"], ConditionType.INVALID)[:2] == (True, "InvalidSecretValue")
+    assert sorted(rendering.data) == ["relay.yaml"]
+
+
+@pytest.mark.parametrize("secret", ["pw-p", "cHctcA=="])
+def test_verdicts_never_carry_secret_values(secret: str) -> None:
+    p = policy("p", oauth2={"tokenURL": "https://x"})
+    rendering = render_namespace(NS, [p], [], secrets_for(p))
+    text = repr(rendering.policies) + repr(rendering.groups)
+    assert secret not in text
+
+
+def test_status_keeps_transition_time_and_patches_only_changes() -> None:
+    p = policy("p")
+    ready = render_namespace(NS, [p], [], secrets_for(p)).policies["p"]
+    missing = render_namespace(NS, [p], [], {}).policies["p"]
+    first = status_of(missing, None, now="T1")
+    assert first["resolvedScope"] == "global" and first["observedGeneration"] == 1
+    assert {c["type"]: c["status"] for c in first["conditions"]} == {
+        "Ready": "False",
+        "SecretMissing": "True",
+        "Invalid": "False",
+        "Conflict": "False",
+    }
+    assert status_patch(status_of(missing, first, now="T2"), first) is None
+    second = status_of(ready, first, now="T2")
+    times = {c["type"]: c["lastTransitionTime"] for c in second["conditions"]}
+    assert times == {"Ready": "T2", "SecretMissing": "T2", "Invalid": "T1", "Conflict": "T1"}
+    assert status_patch(second, first) == {"status": second}
+    assert status_patch({"observedGeneration": 1}, {"observedGeneration": 1, "resolvedScope": "x"}) == {
+        "status": {"observedGeneration": 1, "resolvedScope": None}
+    }
+    note = readiness_event(ready, first)
+    assert note is not None and (note.type, note.reason) == ("Normal", "Rendered")
+    assert readiness_event(ready, second) is None
+    warning = readiness_event(missing, second)
+    assert warning is not None and (warning.type, warning.reason) == ("Warning", "SecretNotFound")
+
+
+def test_libyaml_and_pure_python_emit_the_same_bytes() -> None:
+    """The operator uses libyaml when present; a build without it must not rewrite every Secret."""
+    tricky = [
+        policy(
+            f"p{i}",
+            scope={"domain": f"d{i}.example"},
+            user=f"üser '{i}' #x",
+            gateway={"host": "h", "port": 25},
+        )
+        for i in range(20)
+    ]
+    secrets = {f"p{i}-smtp": {"password": f"pw: 'q' \"dq\" {i}\t%".encode()} for i in range(20)}
+    rendering = render_namespace(NS, [*tricky, policy("gone")], [], secrets)
+    data = relay_yaml(rendering.data)
+    python = yaml.dump(data, Dumper=yaml.SafeDumper, **YAML_STYLE)
+    assert YAML_DUMPER is getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    assert yaml.dump(data, Dumper=YAML_DUMPER, **YAML_STYLE) == python
+    assert rendering.data["relay.yaml"].decode().endswith(python)
