@@ -31,7 +31,7 @@ cluster-down:
 	@hack/control-plane down
 
 bench: setup
-	$(VENV)/python -m bench
+	$(VENV)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -14,6 +15,7 @@ from outbound_relay.config import ConfigError, load_config
 from outbound_relay.delivery import Generation
 from outbound_relay.redaction import REDACTED, SecretRedactor
 from outbound_relay.scopes import Route, ScopeIndex, Sourced, level_of
+from outbound_relay.upstream import release_free_memory
 
 log = logging.getLogger("outbound_relay")
 
@@ -26,6 +28,9 @@ def _setup_logging(level: str) -> SecretRedactor:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # aiosmtpd logs every command line of every session (addresses included) at INFO: at our default
+    # level that is five lines per message and a good part of the CPU; keep it for --log-level debug.
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     return redactor
 
 
@@ -42,6 +47,11 @@ async def _serve(args: argparse.Namespace) -> int:
         generation, config_path=args.config, reload_interval=args.reload_interval, redactor=redactor
     )
     await server.start()
+    # Start-up (config model, imports) leaves garbage and free heap pages: hand them back, then keep
+    # the collector from walking what remains, which lives as long as the process, on every full
+    # collection (multi-millisecond pauses under load).
+    release_free_memory()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -50,6 +60,17 @@ async def _serve(args: argparse.Namespace) -> int:
     log.info("signal received: no new connections; finishing transactions in flight")
     await server.stop(grace_seconds=args.shutdown_timeout)
     return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    if not args.uvloop:
+        return asyncio.run(_serve(args))
+    try:
+        import uvloop
+    except ImportError:
+        print("--uvloop: the uvloop package is not installed (pip install uvloop)", file=sys.stderr)
+        return 2
+    return uvloop.run(_serve(args))
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -165,7 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to let transactions finish on SIGTERM (25)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    serve.set_defaults(run=lambda a: asyncio.run(_serve(a)))
+    serve.add_argument(
+        "--uvloop",
+        action="store_true",
+        help="run on uvloop (needs the uvloop package; see docs/benchmarks.md)",
+    )
+    serve.set_defaults(run=_run_serve)
 
     check = commands.add_parser("check", help="validate a relay.yaml (and its hooks) and exit")
     check.add_argument("--config", type=Path, required=True)

@@ -10,26 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiosmtplib
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtplib.email import quote_address
 
 from outbound_relay.config import CONTEXT_KEYS, RelayConfig, fingerprint, load_config, watched_files
 from outbound_relay.errors import HookFailed, RelayError, RouteMisconfigured, UpstreamUnavailable
-from outbound_relay.hooks import HookChain, HookError, HookMessage
 from outbound_relay.message import parse_headers, pop_header, split_headers
 from outbound_relay.metrics import MessageResult, RelayMetrics
 from outbound_relay.scopes import Route, ScopeIndex
-from outbound_relay.upstream import UpstreamConnection, UpstreamPool
+from outbound_relay.upstream import Reply, UpstreamConnection, UpstreamPool
+
+if TYPE_CHECKING:
+    from outbound_relay.hooks import HookChain
 
 log = logging.getLogger(__name__)
 
-# aiosmtplib keeps these on the exception; everything else is a transport or protocol failure.
-_UPSTREAM_REPLY_ERRORS = (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError)
+# RFC 5321 4.1.1.4: lines end in CRLF; a lone CR or LF becomes one. A line starting with "." gets another.
+_LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+# An RFC 5321 Mailbox whose local part and domain are both dot-atoms: nearly every envelope address.
+# For these, the full RFC 5322 parsers (aiosmtpd's on the way in, aiosmtplib's on the way out) only give
+# back the same text, at a cost that showed in profiles; anything else still goes through them.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+DOT_ATOM_ADDRESS = rf"{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*"
+_SIMPLE_ADDRESS = re.compile(rf"{DOT_ATOM_ADDRESS}\Z")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +50,7 @@ class Generation:
 
     config: RelayConfig
     scopes: ScopeIndex
-    hooks: HookChain
+    hooks: HookChain | None  # None when relay.yaml names no hook
     digest: str
     files: tuple[Path, ...] = ()
 
@@ -52,7 +64,12 @@ class Generation:
     def build(
         cls, config: RelayConfig, *, base_dir: Path, digest: str = "", files: tuple[Path, ...] = ()
     ) -> Generation:
-        hooks = HookChain.load(config.hooks, base_dir)
+        hooks = None
+        if config.hooks.lua or config.hooks.python:
+            # Only then: the hook machinery and its Lua runtime are ~1.7 MB of a sidecar's memory.
+            from outbound_relay.hooks import HookChain
+
+            hooks = HookChain.load(config.hooks, base_dir)
         return cls(config=config, scopes=ScopeIndex(config), hooks=hooks, digest=digest, files=files)
 
     @property
@@ -68,6 +85,7 @@ class RelayHandler:
         self.pool = pool
         self.metrics = metrics
         self._pinned: weakref.WeakKeyDictionary[Envelope, Generation] = weakref.WeakKeyDictionary()
+        self._counted = {result: metrics.messages.labels(result=result.value) for result in MessageResult}
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -121,7 +139,7 @@ class RelayHandler:
             if reply.startswith("4")
             else MessageResult.REJECTED
         )
-        self.metrics.messages.labels(result=result.value).inc()
+        self._counted[result].inc()
         return reply
 
     def _begin(self) -> None:
@@ -153,6 +171,8 @@ class RelayHandler:
         domain = envelope.rcpt_tos[0].rpartition("@")[2]
         overrides: dict[str, str] = {}
         if generation.hooks:
+            from outbound_relay.hooks import HookError, HookMessage  # loaded with the chain
+
             msg = HookMessage(
                 mailfrom=envelope.mail_from or "",
                 rcptto=tuple(envelope.rcpt_tos),
@@ -207,50 +227,87 @@ def _reply(code: int, message: str) -> str:
     return f"{code} {text}" if text else str(code)
 
 
+def _path(address: str) -> bytes:
+    """`<address>` for MAIL FROM / RCPT TO; only unusual addresses pay for aiosmtplib's parser."""
+    if _SIMPLE_ADDRESS.match(address):
+        return b"<" + address.encode("ascii") + b">"
+    return quote_address(address).encode("ascii")
+
+
+def _wire_data(content: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends, a final CRLF, dots doubled, then the end mark."""
+    content = _LINE_ENDS.sub(b"\r\n", content)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    return _LEADING_DOT.sub(b"..", content) + b".\r\n"
+
+
 async def _transaction(conn: UpstreamConnection, mail_from: str, rcpt_tos: list[str], content: bytes) -> str:
-    smtp = conn.smtp
-    options = ["BODY=8BITMIME"] if smtp.supports_extension("8bitmime") else []
+    """MAIL, RCPT, DATA on a pooled session. With PIPELINING the commands go out in one write and their
+    replies are read after it (RFC 2920); DATA joins them only for one recipient, since a refusal among
+    several must not leave the others to get the message."""
+    mail = b"MAIL FROM:" + _path(mail_from) + (b" BODY=8BITMIME" if conn.eight_bit_mime else b"") + b"\r\n"
+    rcpts = [b"RCPT TO:" + _path(rcpt) + b"\r\n" for rcpt in rcpt_tos]
+    data_in_group = conn.pipelining and len(rcpt_tos) == 1
     try:
-        await smtp.mail(mail_from, options=options)
-    except aiosmtplib.SMTPSenderRefused as error:
-        await _reset(conn)
-        return _reply(error.code, error.message)
-    except (aiosmtplib.SMTPException, OSError) as error:
+        if conn.pipelining:
+            conn.send(b"".join([mail, *rcpts, b"DATA\r\n" if data_in_group else b""]))
+        else:
+            conn.send(mail)
+        mail_reply = await conn.reply()
+    except OSError as error:
         conn.broken = True
         if conn.reused:
             raise _StaleConnection(str(error) or type(error).__name__) from None
         raise UpstreamUnavailable(f"upstream {conn.key} failed at MAIL: {error}") from None
     try:
-        refused = []
-        for rcpt in rcpt_tos:
-            try:
-                await smtp.rcpt(rcpt)
-            except aiosmtplib.SMTPRecipientRefused as error:
-                refused.append(error)
-        if refused:
+        refused: list[tuple[str, Reply]] = []
+        # Pipelined, every RCPT has a reply to read; one at a time, none is sent after a failed MAIL.
+        if conn.pipelining or mail_reply.code == 250:
+            for rcpt, line in zip(rcpt_tos, rcpts, strict=True):
+                if not conn.pipelining:
+                    conn.send(line)
+                reply = await conn.reply()
+                if reply.code not in (250, 251):
+                    refused.append((rcpt, reply))
+        if data_in_group:
+            data_reply = await conn.reply()
+        if mail_reply.code != 250 or refused:
+            if data_in_group and data_reply.code == 354:
+                # RFC 2920 3.1: DATA was taken with no valid recipient; an empty message ends it.
+                conn.send(b".\r\n")
+                await conn.reply()
             await _reset(conn)
+            if mail_reply.code != 250:
+                return _reply(mail_reply.code, mail_reply.message)
             return _refusal(refused, len(rcpt_tos))
-        response = await smtp.data(content)
-    except _UPSTREAM_REPLY_ERRORS as error:
-        await _reset(conn)
-        return _reply(error.code, error.message)
-    except (aiosmtplib.SMTPException, OSError) as error:
+        if not data_in_group:
+            conn.send(b"DATA\r\n")
+            data_reply = await conn.reply()
+        if data_reply.code != 354:
+            await _reset(conn)
+            return _reply(data_reply.code, data_reply.message)
+        conn.send(_wire_data(content))
+        final = await conn.reply()
+    except OSError as error:
         conn.broken = True
         raise UpstreamUnavailable(
             f"upstream {conn.key} failed during the transaction ({error or type(error).__name__}); "
             "if DATA was sent, the message may have been delivered"
         ) from None
-    return _reply(response.code, response.message)
+    if final.code != 250:
+        await _reset(conn)
+    return _reply(final.code, final.message)
 
 
-def _refusal(refused: list[aiosmtplib.SMTPRecipientRefused], total: int) -> str:
+def _refusal(refused: list[tuple[str, Reply]], total: int) -> str:
     """Our one reply to DATA when the upstream refused some recipients. Delivering to the rest would leave
     the client unable to tell who got the message, so nothing is sent: the client hears why and which."""
     if total == 1:
-        return _reply(refused[0].code, refused[0].message)
-    temporary = [e for e in refused if e.code < 500]
-    first = (temporary or refused)[0]
-    names = ", ".join(e.recipient for e in refused)
+        return _reply(*refused[0][1])
+    temporary = [(rcpt, reply) for rcpt, reply in refused if reply.code < 500]
+    _, first = (temporary or refused)[0]
+    names = ", ".join(rcpt for rcpt, _ in refused)
     return _reply(
         first.code,
         f"{first.message} (upstream refused {len(refused)} of {total} recipients: {names}; "
@@ -260,6 +317,8 @@ def _refusal(refused: list[aiosmtplib.SMTPRecipientRefused], total: int) -> str:
 
 async def _reset(conn: UpstreamConnection) -> None:
     try:
-        await conn.smtp.rset()
-    except (aiosmtplib.SMTPException, OSError):
+        conn.send(b"RSET\r\n")
+        if (await conn.reply()).code != 250:
+            conn.broken = True
+    except OSError:
         conn.broken = True

@@ -2,19 +2,26 @@
 
 A pooled session carries many transactions, so the TLS handshake and AUTH are paid once per connection
 instead of once per message. A connection that errs is closed, never handed out again.
+
+aiosmtplib does the handshake (connect, STARTTLS, EHLO, AUTH); then a `ReplyReader` takes over the
+session's reads, because aiosmtplib reads exactly one reply per command it sent and so cannot pipeline
+(RFC 2920), which saves two round trips and two writes per message (delivery.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import gc
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import aiosmtplib
 
@@ -38,6 +45,86 @@ class UpstreamKey(NamedTuple):
         return f"{self.host}:{self.port}"
 
 
+class Reply(NamedTuple):
+    code: int
+    message: str  # lines joined with "\n", without codes, as aiosmtplib gives them
+
+
+class UpstreamDropped(ConnectionError):
+    """The session ended or broke while we waited for a reply: closed, reset, garbled or timed out."""
+
+
+# RFC 5321 4.5.3.1.5 allows 512 octets a reply line; a server that sends far more is not talking SMTP.
+MAX_REPLY_BYTES = 64 * 1024
+
+
+class ReplyReader(asyncio.Protocol):
+    """The protocol of an authenticated session's transport: splits what arrives into SMTP replies,
+    however many a read brings, and hands them out in order."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []  # the lines so far of a multiline reply
+        self._replies: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamDropped | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            self._parse()
+        except ValueError:
+            self._fail(UpstreamDropped(f"malformed reply {bytes(self._buffer[:80])!r}"))
+        if len(self._buffer) > MAX_REPLY_BYTES:
+            self._fail(UpstreamDropped("reply too long"))
+        self._wake()
+
+    def _parse(self) -> None:
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) != -1:
+            line = bytes(self._buffer[start:end])
+            start = end + 1
+            self._lines.append(line)
+            if line[3:4] != b"-":  # "250 ..." ends a reply, "250-..." continues it
+                code = int(line[:3])
+                text = b"\n".join(part[4:].strip(b" \t\r") for part in self._lines)
+                self._replies.append(Reply(code, text.decode("utf-8", "surrogateescape")))
+                self._lines = []
+        del self._buffer[:start]
+
+    def eof_received(self) -> bool:
+        self._fail(UpstreamDropped("the upstream closed the connection"))
+        return False  # and the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        self._fail(UpstreamDropped(reason))
+
+    def _fail(self, error: UpstreamDropped) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, patience: float) -> Reply:
+        """The next reply; replies that arrived before a failure are still handed out first."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(patience, self._fail, UpstreamDropped(f"no reply within {patience:g}s"))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self._replies.popleft()
+
+
 @dataclass(eq=False)
 class UpstreamConnection:
     key: UpstreamKey
@@ -46,6 +133,48 @@ class UpstreamConnection:
     broken: bool = False  # set by whoever saw it err: it is closed, not pooled
     closed: bool = False
     last_used: float = field(default_factory=time.monotonic)
+    timeout: float = 60.0  # for each reply
+    pipelining: bool = False  # the server offers PIPELINING (RFC 2920)
+    eight_bit_mime: bool = False  # the server offers 8BITMIME
+    _transport: asyncio.WriteTransport | None = None
+    _reader: ReplyReader | None = None
+
+    def take_over(self) -> None:
+        """From now on, commands go through `send` and `reply`, no longer through `smtp`."""
+        smtp = self.smtp
+        self.pipelining = smtp.supports_extension("pipelining")
+        self.eight_bit_mime = smtp.supports_extension("8bitmime")
+        assert smtp.transport is not None, "connected"
+        # uvloop's transports are not asyncio.WriteTransport subclasses, but write like one.
+        self._transport, self._reader = cast(asyncio.WriteTransport, smtp.transport), ReplyReader()
+        self._transport.set_protocol(self._reader)
+
+    @property
+    def is_connected(self) -> bool:
+        return self.smtp.is_connected and not (self._transport is not None and self._transport.is_closing())
+
+    def send(self, data: bytes) -> None:
+        """Write one or more command lines (or message data): buffered, the reply says how it went."""
+        if self._transport is None or self._transport.is_closing():
+            raise UpstreamDropped("connection closed")
+        self._transport.write(data)
+
+    async def reply(self) -> Reply:
+        assert self._reader is not None, "take_over() first"
+        reply = await self._reader.read(self.timeout)
+        if reply.code == 421:  # RFC 5321 3.8: the server is closing the session
+            self.broken = True
+        return reply
+
+    async def quit(self, patience: float) -> None:
+        """Say QUIT, waiting at most `patience` seconds for the reply, then close."""
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            if self._reader is None:
+                await asyncio.wait_for(self.smtp.quit(), patience)
+            else:
+                self.send(b"QUIT\r\n")
+                await self._reader.read(patience)
+        self.smtp.close()
 
 
 @dataclass(eq=False)
@@ -84,6 +213,8 @@ class UpstreamPool:
         self._tls_contexts: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
         self._open = 0
         self._reaper: asyncio.Task[None] | None = None
+        self._idle_gauge = metrics.upstream_connections.labels(state="idle")
+        self._busy_gauge = metrics.upstream_connections.labels(state="busy")
 
     def configure(self, *, connect_timeout: float, timeout: float, idle_timeout: float) -> None:
         """Take new timeouts from a reloaded config; open connections keep working."""
@@ -100,7 +231,10 @@ class UpstreamPool:
         slot.users += 1
         try:
             try:
-                await asyncio.wait_for(slot.limit.acquire(), self.timeout)
+                if slot.limit.locked():  # wait_for costs a task and a timer: only when we must wait
+                    await asyncio.wait_for(slot.limit.acquire(), self.timeout)
+                else:
+                    await slot.limit.acquire()
             except TimeoutError:
                 raise UpstreamUnavailable(
                     f"all {route.max_connections.value} connections to {key} "
@@ -115,7 +249,7 @@ class UpstreamPool:
                     conn.broken = True
                     raise
                 finally:
-                    if conn.broken or not conn.smtp.is_connected:
+                    if conn.broken or not conn.is_connected:
                         await self._close(conn)
                     else:
                         conn.last_used = time.monotonic()
@@ -130,7 +264,7 @@ class UpstreamPool:
         now = time.monotonic()
         while slot.idle:
             conn = slot.idle.pop()  # the most recently used is the least likely to have been dropped
-            if not fresh and conn.smtp.is_connected and now - conn.last_used < self.idle_timeout:
+            if not fresh and conn.is_connected and now - conn.last_used < self.idle_timeout:
                 conn.reused = True
                 return conn
             await self._close(conn)
@@ -163,12 +297,13 @@ class UpstreamPool:
             tls_context=context,
         )
         self._open += 1
-        conn = UpstreamConnection(key=key, smtp=smtp)
+        conn = UpstreamConnection(key=key, smtp=smtp, timeout=self.timeout)
         try:
             await self._handshake(conn, route, context)
         except BaseException:
             await self._close(conn)
             raise
+        conn.take_over()
         return conn
 
     async def _handshake(
@@ -233,19 +368,17 @@ class UpstreamPool:
         self.metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.SUCCESS).inc()
 
     async def _close(self, conn: UpstreamConnection) -> None:
-        smtp = conn.smtp
-        if smtp.is_connected and not conn.broken:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await asyncio.wait_for(smtp.quit(), 2)
-        smtp.close()
+        if conn.is_connected and not conn.broken:
+            await conn.quit(patience=2)
+        conn.smtp.close()
         if not conn.closed:
             conn.closed = True
             self._open -= 1
 
     def _gauge(self) -> None:
         idle = sum(len(s.idle) for s in self._slots.values())
-        self.metrics.upstream_connections.labels(state="idle").set(idle)
-        self.metrics.upstream_connections.labels(state="busy").set(self._open - idle)
+        self._idle_gauge.set(idle)
+        self._busy_gauge.set(self._open - idle)
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
@@ -256,14 +389,18 @@ class UpstreamPool:
         while True:
             await asyncio.sleep(max(self.idle_timeout / 2, 0.05))
             deadline = time.monotonic() - self.idle_timeout
+            closed = 0
             for key, slot in list(self._slots.items()):
                 stale = [c for c in slot.idle if c.last_used <= deadline]
                 slot.idle = [c for c in slot.idle if c.last_used > deadline]
                 for conn in stale:
                     await self._close(conn)
+                closed += len(stale)
                 if not slot.idle and slot.users == 0:
                     del self._slots[key]
             self._gauge()
+            if closed and self._open == 0:
+                release_free_memory()
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -275,6 +412,23 @@ class UpstreamPool:
             for conn in idle:
                 await self._close(conn)
         self._gauge()
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None (musl and others have none)."""
+    import ctypes  # here: 0.3 MB, and most relays never go idle with an empty pool
+
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS. After a burst, the TLS sessions and buffers it held
+    are freed but glibc keeps their pages: measured, a drained pool went from 46 to 41 MB RSS with this."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _one_line(text: str) -> str:

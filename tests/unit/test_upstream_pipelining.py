@@ -1,0 +1,145 @@
+"""Pooled sessions read their replies with `ReplyReader`, and pipeline MAIL, RCPT and (for one recipient)
+DATA when the upstream offers PIPELINING (RFC 2920); replies and refusals must come out as without it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from outbound_relay.server import RelayServer
+from outbound_relay.upstream import Reply, ReplyReader, UpstreamConnection, UpstreamDropped
+from tests.peers.certs import TLSFiles
+from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.upstream import AuthUpstream, _Handler
+
+# -- the reader -------------------------------------------------------------------------------------
+
+
+async def test_reader_splits_replies_however_they_arrive() -> None:
+    reader = ReplyReader()
+    reader.data_received(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n35")
+    reader.data_received(b"4 End data with <CR><LF>.<CR><LF>\r\n250-first\r\n250-sec")
+    reader.data_received(b"ond\r\n250 last\r\n")
+    replies = [await reader.read(1) for _ in range(4)]
+    assert replies == [
+        Reply(250, "2.1.0 Ok"),
+        Reply(250, "2.1.5 Ok"),
+        Reply(354, "End data with <CR><LF>.<CR><LF>"),
+        Reply(250, "first\nsecond\nlast"),
+    ]
+
+
+async def test_reader_hands_out_replies_before_the_failure_that_followed() -> None:
+    reader = ReplyReader()
+    reader.data_received(b"250 Ok\r\n")
+    reader.connection_lost(None)
+    assert await reader.read(1) == Reply(250, "Ok")
+    with pytest.raises(UpstreamDropped, match="connection closed"):
+        await reader.read(1)
+
+
+async def test_reader_waits_for_a_reply_and_times_out() -> None:
+    reader = ReplyReader()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, reader.data_received, b"221 Bye\r\n")
+    assert await reader.read(1) == Reply(221, "Bye")
+    with pytest.raises(UpstreamDropped, match=r"no reply within 0\.05s"):
+        await reader.read(0.05)
+
+
+@pytest.mark.parametrize("garbage", [b"hello there\r\n", b"2" * 70_000])
+async def test_reader_refuses_what_is_not_smtp(garbage: bytes) -> None:
+    reader = ReplyReader()
+    reader.data_received(garbage)
+    with pytest.raises(UpstreamDropped):
+        await reader.read(1)
+
+
+# -- pipelining through the relay -------------------------------------------------------------------
+
+
+class _PipeliningHandler(_Handler):
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+
+class PipeliningUpstream(AuthUpstream):
+    """AuthUpstream that offers PIPELINING: aiosmtpd reads commands line by line, so it takes them."""
+
+    def _smtp(self) -> SMTP:
+        return SMTP(
+            _PipeliningHandler(self.state),
+            hostname="upstream.test",
+            authenticator=self._authenticate,
+            auth_required=True,
+            auth_require_tls=True,
+            require_starttls=True,
+            tls_context=self._context(),
+        )
+
+
+def policy(port: int, tls: TLSFiles) -> dict[str, Any]:
+    return {
+        "name": "t/all",
+        "type": "PLAIN",
+        "user": "u",
+        "password": "p",
+        "gateway": {"host": "127.0.0.1", "port": port},
+        "tls": {"caFile": str(tls.ca_file)},
+    }
+
+
+def pooled(relay: RelayServer) -> list[UpstreamConnection]:
+    return [conn for slot in relay.pool._slots.values() for conn in slot.idle]
+
+
+async def test_pipelined_messages_arrive_intact_on_one_session(tls: TLSFiles, config_path: Path) -> None:
+    body = "line one\r\n.starts with a dot\r\n..two dots\r\nlone LF\nend\r\n"
+    async with PipeliningUpstream(tls, users={"u": "p"}) as up:
+        write_config(config_path, {"policies": [policy(up.port, tls)]})
+        async with running_relay(config_path) as relay:
+            for i in range(3):
+                outcome = await submit(relay.port, [f"r{i}@example.com"], message(body=body))
+                assert outcome.data_reply == (250, f"2.0.0 Ok: queued as {i + 1}")
+            [conn] = pooled(relay)
+            assert conn.pipelining
+    assert up.state.connections == 1
+    assert [r.rcpt_tos for r in up.received] == [(f"r{i}@example.com",) for i in range(3)]
+    assert up.received[0].content.endswith(
+        b"line one\r\n.starts with a dot\r\n..two dots\r\nlone LF\r\nend\r\n"
+    )
+
+
+async def test_pipelined_refusals_are_passed_back_and_the_session_stays_usable(
+    tls: TLSFiles, config_path: Path
+) -> None:
+    async with PipeliningUpstream(tls, users={"u": "p"}) as up:
+        up.state.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"
+        write_config(config_path, {"policies": [policy(up.port, tls)]})
+        async with running_relay(config_path) as relay:
+            single = await submit(relay.port, ["nobody@example.com"], message())
+            mixed = await submit(relay.port, ["ok@example.com", "nobody@example.com"], message())
+            both = await submit(relay.port, ["a@example.com", "b@example.com"], message())
+            after = await submit(relay.port, ["ok@example.com"], message())
+    assert single.data_reply == (550, "5.1.1 No such user")
+    assert mixed.code == 550
+    assert "nobody@example.com" in mixed.data_reply[1]  # type: ignore[index]
+    assert (both.code, after.code) == (250, 250)
+    assert [r.rcpt_tos for r in up.received] == [("a@example.com", "b@example.com"), ("ok@example.com",)]
+    assert up.state.connections == 1
+
+
+async def test_pipelined_data_refusal_is_passed_back(tls: TLSFiles, config_path: Path) -> None:
+    async with PipeliningUpstream(tls, users={"u": "p"}) as up:
+        up.state.data_reply = "554 5.6.0 Content rejected"
+        write_config(config_path, {"policies": [policy(up.port, tls)]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@example.com"], message())
+    assert outcome.data_reply == (554, "5.6.0 Content rejected")
