@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from outbound_operator import handlers
+from outbound_operator import handlers, webhook
 from outbound_operator.controller import Controller, ControllerSettings
 from outbound_operator.kubeapi import KubeApi, load_api_client
 from outbound_operator.metrics import OperatorMetrics
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scope_options(parser)
     _add_serving_options(parser)
     _add_rendering_options(parser)
+    webhook.add_arguments(parser)
     return parser
 
 
@@ -82,6 +83,9 @@ async def run(args: argparse.Namespace) -> None:
     controller = Controller(KubeApi(api_client), metrics, ControllerSettings(debounce_seconds=args.debounce))
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller)
+    webhook_settings = webhook.settings_from_args(args)  # None unless --webhook-port is given
+    if webhook_settings is not None:
+        webhook.register(webhook_settings, registry, api=api_client)
     log.info(
         "outbound-operator starting: %s, metrics on %s",
         "all namespaces" if args.all_namespaces else f"namespaces {', '.join(args.namespaces)}",

@@ -39,12 +39,16 @@ async def _serve(args: argparse.Namespace) -> int:
 
     redactor = _setup_logging(args.log_level)
     try:
-        generation = Generation.load(args.config)
+        generation = Generation.load(args.config, default_binding=args.default_binding)
     except ConfigError as error:
         log.error("%s", error)
         return 2
     server = RelayServer(
-        generation, config_path=args.config, reload_interval=args.reload_interval, redactor=redactor
+        generation,
+        config_path=args.config,
+        reload_interval=args.reload_interval,
+        redactor=redactor,
+        default_binding=args.default_binding,
     )
     await server.start()
     # Start-up (config model, imports) leaves garbage and free heap pages: hand them back, then keep
@@ -170,6 +174,12 @@ def _import_momentum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _binding_name(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("a binding name must not be empty")
+    return value.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbound-relay", description="SMTP relay sidecar that authenticates outbound mail per scope."
@@ -184,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="seconds to let transactions finish on SIGTERM (25)",
+    )
+    serve.add_argument(
+        "--default-binding",
+        type=_binding_name,
+        metavar="NAME",
+        help="binding of mail without the binding header; overrides defaultBinding in the file "
+        "(the sidecar sets it from the Pod annotation outboundrelay.io/binding)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(

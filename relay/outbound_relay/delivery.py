@@ -55,8 +55,11 @@ class Generation:
     files: tuple[Path, ...] = ()
 
     @classmethod
-    def load(cls, path: Path) -> Generation:
+    def load(cls, path: Path, *, default_binding: str | None = None) -> Generation:
+        """`default_binding` (`serve --default-binding`, from the Pod annotation) beats the file's."""
         config = load_config(path)
+        if default_binding is not None:
+            config = config.model_copy(update={"default_binding": default_binding})
         files = watched_files(config, path)
         return cls.build(config, base_dir=path.parent, digest=fingerprint(files), files=files)
 

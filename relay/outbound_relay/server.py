@@ -38,11 +38,13 @@ class RelayServer:
         config_path: Path | None = None,
         reload_interval: float = 1.0,
         redactor: SecretRedactor | None = None,
+        default_binding: str | None = None,
     ) -> None:
         self.metrics = RelayMetrics()
         self.config_path = config_path
         self.reload_interval = reload_interval
         self.redactor = redactor
+        self.default_binding = default_binding
         upstream = generation.config.upstream
         self.pool = UpstreamPool(
             self.metrics,
@@ -138,7 +140,9 @@ class RelayServer:
         """Load the config file anew; on any error keep the config in force and count the failure."""
         assert self.config_path is not None
         try:
-            generation = await asyncio.to_thread(Generation.load, self.config_path)
+            generation = await asyncio.to_thread(
+                Generation.load, self.config_path, default_binding=self.default_binding
+            )
         except ConfigError as error:
             self._rejected_digest = await asyncio.to_thread(fingerprint, self.generation.files)
             self.metrics.config_reloads.labels(result="failure").inc()

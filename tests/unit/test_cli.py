@@ -180,3 +180,13 @@ def test_import_momentum_malformed(tmp_path: Path, capsys: pytest.CaptureFixture
     conf.write_text('Domain "x.com" {\n  Outbound_SMTP_AUTH_Type = "PLAIN"\n')
     assert main(["import-momentum", str(conf)]) == 2
     assert str(conf) in capsys.readouterr().err
+
+
+def test_serve_rejects_an_empty_default_binding(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(config_path, {})
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(config_path), "--default-binding", " "])
+    assert exited.value.code == 2
+    assert "a binding name must not be empty" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from typing import Any
 import aiosmtplib
 import yaml
 
+from outbound_relay.delivery import Generation
 from outbound_relay.server import RelayServer
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, running_relay, submit, write_config
@@ -132,3 +133,30 @@ async def test_reload_does_not_move_the_listener(tls: TLSFiles, config_path: Pat
         assert await relay.reload()
         assert relay.port == port
     assert "change only on restart" in caplog.text
+
+
+async def test_default_binding_override_survives_reload(tls: TLSFiles, config_path: Path) -> None:
+    """`serve --default-binding` (the Pod's binding annotation) beats defaultBinding, also after a reload."""
+    async with AuthUpstream(tls, users={"u": "one", "tx": "two"}) as up:
+        policies = [
+            policy(up.port, tls, password="one"),
+            {"name": "tx", "scope": {"binding": "transactional"}, "user": "tx", "password": "two"},
+        ]
+        write_config(config_path, {"policies": policies})
+        server = RelayServer(
+            Generation.load(config_path, default_binding="transactional"),
+            config_path=config_path,
+            reload_interval=0.05,
+            default_binding="transactional",
+        )
+        await server.start()
+        try:
+            assert (await submit(server.port, ["a@x.org"], message())).code == 250
+            old = server.generation.digest
+            write_config(config_path, {"defaultBinding": "other", "policies": policies})
+            await wait_for_generation(server, old)
+            assert server.generation.config.default_binding == "transactional"
+            assert (await submit(server.port, ["b@x.org"], message())).code == 250
+        finally:
+            await server.stop(grace_seconds=5)
+    assert [r.login for r in up.received] == ["tx", "tx"]

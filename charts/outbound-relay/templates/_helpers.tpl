@@ -1,0 +1,104 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "outbound-relay.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "outbound-relay.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "outbound-relay.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "outbound-relay.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "outbound-relay.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "outbound-relay.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "outbound-relay.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "outbound-relay.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: outbound-relay
+{{- end }}
+
+{{- define "outbound-relay.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "outbound-relay.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "outbound-relay.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "outbound-relay.relayImage" -}}
+{{- $repository := default .Values.image.repository .Values.relay.image.repository }}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.relay.image.tag }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
+
+{{/* Cluster-scoped names carry the namespace too: one release name may be installed in two namespaces. */}}
+{{- define "outbound-relay.clusterName" -}}
+{{- printf "%s-%s" (include "outbound-relay.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "outbound-relay.webhookService" -}}
+{{- printf "%s-webhook" (include "outbound-relay.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "outbound-relay.webhookCertSecret" -}}
+{{- printf "%s-webhook-tls" (include "outbound-relay.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Never injected: kube-system and friends, and the operator's own namespace (it would wait for itself). */}}
+{{- define "outbound-relay.excludedNamespaces" -}}
+{{- $excluded := concat .Values.webhook.excludedNamespaces (list "kube-system" .Release.Namespace) | uniq }}
+{{- toJson $excluded }}
+{{- end }}
+
+{{/* The operator's rules for the namespaces it renders; bound cluster-wide or per watched namespace. */}}
+{{- define "outbound-relay.namespacedRules" -}}
+- apiGroups: [outboundrelay.io]
+  resources: [outboundauthpolicies, outboundbindinggroups]
+  verbs: [get, list, watch]
+- apiGroups: [outboundrelay.io]
+  resources: [outboundauthpolicies/status, outboundbindinggroups/status]
+  verbs: [get, patch]
+# Referenced Secrets are read; the rendered one is written. create cannot be limited by name in RBAC.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch, create]
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: [outbound-relay-config]
+  verbs: [update, patch, delete]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{- define "outbound-relay.sidecarSettings" -}}
+image: {{ include "outbound-relay.relayImage" . | quote }}
+imagePullPolicy: {{ default .Values.image.pullPolicy .Values.relay.image.pullPolicy }}
+resources:
+  {{- toYaml .Values.relay.resources | nindent 2 }}
+runAsUser: {{ .Values.relay.runAsUser }}
+runAsGroup: {{ .Values.relay.runAsGroup }}
+metricsPort: {{ .Values.relay.metricsPort }}
+logLevel: {{ .Values.relay.logLevel }}
+shutdownTimeoutSeconds: {{ .Values.relay.shutdownTimeoutSeconds }}
+{{- with .Values.relay.hooksConfigMap }}
+hooksConfigMap: {{ . | quote }}
+{{- end }}
+prometheusAnnotations: {{ .Values.relay.prometheusAnnotations }}
+{{- end }}

@@ -1,0 +1,300 @@
+"""The relay sidecar for an opted-in Pod: pure functions from a Pod (a dict, as admission sees it) and the
+injection settings to a JSONPatch (RFC 6902) or the mutated Pod.
+
+The sidecar is a native one (an init container with `restartPolicy: Always`, Kubernetes >= 1.29): it starts
+before the app's containers and stops after them, so mail submitted during shutdown still leaves.
+It runs `outbound-relay serve` on the namespace's rendered config (Secret `outbound-relay-config`, plus an
+optional hooks ConfigMap, both projected read-only into /etc/outbound-relay) and listens on
+127.0.0.1:2525; docs/helm.md lists the annotations.
+
+Idempotent: a Pod that already has the sidecar gets an empty patch, so a second admission changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ANNOTATION_INJECT: Final = "outboundrelay.io/inject"
+"""Pod annotation that opts a Pod in; the value "true" (any case) injects, anything else does not."""
+ANNOTATION_BINDING: Final = "outboundrelay.io/binding"
+"""Pod annotation: the binding of mail without an X-Binding header (the relay's `--default-binding`)."""
+ANNOTATION_HOOKS: Final = "outboundrelay.io/hooks-configmap"
+"""Pod annotation: a ConfigMap whose keys (e.g. auth.lua) are projected next to relay.yaml."""
+ANNOTATION_INJECTED: Final = "outboundrelay.io/injected"
+"""Annotation and label the webhook sets (value "true") on every Pod it injected."""
+NAMESPACE_LABEL: Final = "outboundrelay.io/inject"
+"""Namespace label (value "enabled") that the MutatingWebhookConfiguration's namespaceSelector requires."""
+
+CONTAINER_NAME: Final = "outbound-relay"
+VOLUME_NAME: Final = "outbound-relay-config"
+NO_TOKEN_VOLUME: Final = "outbound-relay-no-token"  # noqa: S105 - a volume name, not a token
+# The API server mounts the Pod's ServiceAccount token into every container without a mount here; the
+# relay never calls the API, so an empty directory takes the token's place in the sidecar.
+TOKEN_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105 - a path
+CONFIG_DIR: Final = "/etc/outbound-relay"
+CONFIG_FILE: Final = f"{CONFIG_DIR}/relay.yaml"
+METRICS_PORT_NAME: Final = "relay-metrics"  # a port name has at most 15 characters (IANA_SVC_NAME)
+
+# Momentum binding names: letters, digits, '_', '-', '.'; kept to a label-like shape so a typo is caught
+# at admission instead of routing mail through the wrong scope.
+_BINDING = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$")
+# RFC 1123 subdomain, what the API server requires of a ConfigMap name.
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+JsonPatch = list[dict[str, Any]]
+
+
+class InjectionError(ValueError):
+    """The Pod asked for the sidecar but cannot get it as written; the message says what to change."""
+
+
+class ResourceList(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu: str | None = None
+    """CPU quantity, e.g. "50m"."""
+    memory: str | None = None
+    """Memory quantity, e.g. "64Mi"."""
+
+    def as_dict(self) -> dict[str, str]:
+        return self.model_dump(exclude_none=True)
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests: ResourceList = ResourceList(cpu="20m", memory="64Mi")
+    """What the scheduler reserves for the sidecar; default 20m CPU, 64Mi memory."""
+    limits: ResourceList = ResourceList(memory="256Mi")
+    """Hard caps; default 256Mi memory and no CPU limit (throttling a relay only delays mail)."""
+
+
+class InjectionSettings(BaseModel):
+    """What the chart's `relay:` values give the webhook (rendered into sidecar.yaml); camelCase in YAML."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    image: str = Field(default="ghcr.io/outbound-relay/outbound-relay:0.1.0", min_length=1)
+    """Sidecar image (the same image as the operator's, command `outbound-relay`)."""
+    image_pull_policy: str = Field(
+        default="IfNotPresent", alias="imagePullPolicy", pattern="^(Always|IfNotPresent|Never)$"
+    )
+    """Kubernetes imagePullPolicy of the sidecar."""
+    resources: Resources = Resources()
+    """Requests and limits of the sidecar container."""
+    run_as_user: int = Field(default=65532, alias="runAsUser", ge=1)
+    """UID of the relay process (non-root; the image's user is 65532)."""
+    run_as_group: int = Field(default=65532, alias="runAsGroup", ge=1)
+    """GID of the relay process."""
+    metrics_port: int = Field(default=9425, alias="metricsPort", ge=1, le=65535)
+    """Port of the relay's /metrics; must match `metrics.port` of relay.yaml (9425 by contract)."""
+    config_secret: str = Field(default="outbound-relay-config", alias="configSecret", min_length=1)
+    """The Secret the operator renders in each namespace (key relay.yaml)."""
+    hooks_config_map: str | None = Field(default=None, alias="hooksConfigMap")
+    """ConfigMap projected next to relay.yaml in every injected Pod unless the Pod names its own."""
+    log_level: str = Field(default="info", alias="logLevel", pattern="^(debug|info|warning|error)$")
+    """`outbound-relay serve --log-level`."""
+    shutdown_timeout_seconds: float = Field(default=25.0, alias="shutdownTimeoutSeconds", gt=0)
+    """`serve --shutdown-timeout`: keep it below the Pod's terminationGracePeriodSeconds (30)."""
+    prometheus_annotations: bool = Field(default=True, alias="prometheusAnnotations")
+    """Add prometheus.io/scrape|port|path to the Pod when it has none of its own."""
+
+    @classmethod
+    def load(cls, path: Path) -> InjectionSettings:
+        """Read sidecar.yaml; raises ValueError naming the file and the bad key."""
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            return cls.model_validate(data)
+        except OSError as error:
+            raise ValueError(f"{path}: cannot be read: {error.strerror}") from error
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not YAML: {error}") from error
+        except ValidationError as error:
+            reasons = "; ".join(
+                f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+                for item in error.errors(include_url=False, include_input=False)
+            )
+            raise ValueError(f"{path}: {reasons}") from error
+
+
+def wants_injection(pod: Mapping[str, Any]) -> bool:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(ANNOTATION_INJECT, "")).strip().lower() == "true"
+
+
+def is_injected(pod: Mapping[str, Any]) -> bool:
+    spec = pod.get("spec") or {}
+    containers = [*(spec.get("initContainers") or ()), *(spec.get("containers") or ())]
+    return any(c.get("name") == CONTAINER_NAME for c in containers)
+
+
+def sidecar_container(settings: InjectionSettings, *, binding: str | None = None) -> dict[str, Any]:
+    """The init container with `restartPolicy: Always` that runs the relay."""
+    args = [
+        "serve",
+        "--config",
+        CONFIG_FILE,
+        "--log-level",
+        settings.log_level,
+        "--shutdown-timeout",
+        f"{settings.shutdown_timeout_seconds:g}",
+    ]
+    if binding is not None:
+        args += ["--default-binding", binding]
+    probe = {"httpGet": {"path": "/metrics", "port": METRICS_PORT_NAME}}
+    resources = {
+        kind: values
+        for kind, values in (
+            ("requests", settings.resources.requests.as_dict()),
+            ("limits", settings.resources.limits.as_dict()),
+        )
+        if values
+    }
+    return {
+        "name": CONTAINER_NAME,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["outbound-relay"],
+        "args": args,
+        "restartPolicy": "Always",
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": settings.metrics_port, "protocol": "TCP"}],
+        # The app's containers start once this passes: nothing is submitted before the relay listens.
+        "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 60},
+        "readinessProbe": {**probe, "periodSeconds": 10},
+        "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
+        "resources": resources,
+        "volumeMounts": [
+            {"name": VOLUME_NAME, "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": NO_TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_group,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def config_volume(settings: InjectionSettings, *, hooks: str | None = None) -> dict[str, Any]:
+    """One projected volume: the rendered Secret (required: the Pod waits until the operator has written
+    it) and the hooks ConfigMap (optional). A nested mount inside a read-only Secret volume would fail."""
+    sources: list[dict[str, Any]] = [{"secret": {"name": settings.config_secret}}]
+    if hooks is not None:
+        sources.append({"configMap": {"name": hooks, "optional": True}})
+    return {"name": VOLUME_NAME, "projected": {"sources": sources}}
+
+
+def _pointer(*parts: str) -> str:
+    """JSON Pointer (RFC 6901) from path segments: '~' and '/' inside a segment are escaped."""
+    return "".join("/" + part.replace("~", "~0").replace("/", "~1") for part in parts)
+
+
+def _requested(pod: Mapping[str, Any], settings: InjectionSettings) -> tuple[str | None, str | None]:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    binding = annotations.get(ANNOTATION_BINDING)
+    if binding is not None and not _BINDING.match(binding):
+        raise InjectionError(
+            f"annotation {ANNOTATION_BINDING}: {binding!r} is not a binding name "
+            "(letters, digits, '_', '-', '.'; at most 63 characters)"
+        )
+    hooks = annotations.get(ANNOTATION_HOOKS, settings.hooks_config_map)
+    if hooks is not None and (len(hooks) > 253 or not _DNS_SUBDOMAIN.match(hooks)):
+        raise InjectionError(f"annotation {ANNOTATION_HOOKS}: {hooks!r} is not a ConfigMap name")
+    return binding, hooks
+
+
+def injection_patch(pod: Mapping[str, Any], settings: InjectionSettings) -> JsonPatch:
+    """The JSONPatch that adds the sidecar to `pod`; [] if the Pod did not opt in or has it already.
+
+    Raises InjectionError if the Pod opted in but cannot be injected as written."""
+    if not wants_injection(pod) or is_injected(pod):
+        return []
+    spec = pod.get("spec") or {}
+    if spec.get("hostNetwork"):
+        raise InjectionError(
+            "hostNetwork Pods cannot get the relay sidecar: its ports 2525 and "
+            f"{settings.metrics_port} would clash with every other such Pod on the node"
+        )
+    for volume in spec.get("volumes") or ():
+        if volume.get("name") in (VOLUME_NAME, NO_TOKEN_VOLUME):
+            raise InjectionError(f"the Pod already has a volume named {volume['name']!r}; rename it")
+    binding, hooks = _requested(pod, settings)
+
+    patch: JsonPatch = []
+    container = sidecar_container(settings, binding=binding)
+    # First of the init containers, so that later init containers can send mail too.
+    if spec.get("initContainers"):
+        patch.append({"op": "add", "path": "/spec/initContainers/0", "value": container})
+    else:
+        patch.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
+    volumes = [
+        config_volume(settings, hooks=hooks),
+        {"name": NO_TOKEN_VOLUME, "emptyDir": {"sizeLimit": "1Ki"}},
+    ]
+    if spec.get("volumes"):
+        patch += [{"op": "add", "path": "/spec/volumes/-", "value": volume} for volume in volumes]
+    else:
+        patch.append({"op": "add", "path": "/spec/volumes", "value": volumes})
+
+    annotations = dict((pod.get("metadata") or {}).get("annotations") or {})
+    added = {ANNOTATION_INJECTED: "true"}
+    # Only when the Pod has no Prometheus annotations of its own: those belong to the app's metrics.
+    if settings.prometheus_annotations and not any(k.startswith("prometheus.io/") for k in annotations):
+        added |= {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(settings.metrics_port),
+            "prometheus.io/path": "/metrics",
+        }
+    # The opt-in annotation exists, so metadata.annotations does too: add key by key.
+    patch += [
+        {"op": "add", "path": _pointer("metadata", "annotations", key), "value": value}
+        for key, value in added.items()
+    ]
+    # A label too, so that a PodMonitor (or `kubectl get pods -l`) can select every injected Pod.
+    if (pod.get("metadata") or {}).get("labels"):
+        patch.append(
+            {"op": "add", "path": _pointer("metadata", "labels", ANNOTATION_INJECTED), "value": "true"}
+        )
+    else:
+        patch.append({"op": "add", "path": "/metadata/labels", "value": {ANNOTATION_INJECTED: "true"}})
+    return patch
+
+
+def _unescape(part: str) -> str:
+    return part.replace("~1", "/").replace("~0", "~")
+
+
+def apply_json_patch(document: Mapping[str, Any], patch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A copy of `document` with the `add` operations of `patch` applied (all that injection emits)."""
+    result = copy.deepcopy(dict(document))
+    for operation in patch:
+        if operation["op"] != "add":
+            raise ValueError(f"unsupported JSONPatch op {operation['op']!r}")
+        *parents, last = [_unescape(p) for p in operation["path"].split("/")[1:]]
+        node: Any = result
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        value = copy.deepcopy(operation["value"])
+        if isinstance(node, list):
+            node.insert(len(node) if last == "-" else int(last), value)
+        else:
+            node[last] = value
+    return result
+
+
+def inject(pod: Mapping[str, Any], settings: InjectionSettings) -> dict[str, Any]:
+    """The Pod as the webhook makes it: `pod` with `injection_patch` applied (a copy; `pod` is untouched)."""
+    return apply_json_patch(pod, injection_patch(pod, settings))

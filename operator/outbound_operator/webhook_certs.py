@@ -1,0 +1,324 @@
+"""The webhook's serving certificate: made and rotated by the operator, or read from cert-manager's Secret.
+
+Self-managed (the default): at start the operator makes a CA and a serving certificate signed by it (ECDSA
+P-256, in memory only), writes the CA into the caBundle of every webhook of its
+MutatingWebhookConfiguration, and serves with the certificate. Before the certificate expires it makes a
+new pair, publishes the caBundle with the new CA *and* the old one, waits for the API server to see it,
+and only then serves the new certificate: no admission call fails during a rotation. Each check also puts
+the caBundle back if something (a careless `kubectl apply`) removed it.
+
+cert-manager (`--webhook-cert-dir`): cert-manager writes tls.crt/tls.key into a mounted Secret and its
+cainjector keeps the caBundle; the operator only reloads the files when they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime
+import ipaddress
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("outbound_operator.webhook")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RotationSettings:
+    validity: datetime.timedelta = datetime.timedelta(days=365)
+    """Lifetime of each serving certificate (and of its CA); default one year."""
+    renew_before: datetime.timedelta = datetime.timedelta(days=30)
+    """Rotate when the certificate has less than this left; default 30 days."""
+    check_interval: float = 60.0
+    """Seconds between checks of the expiry date and of the caBundle (also cert-manager's files); 60."""
+    propagation_delay: float = 10.0
+    """Seconds between publishing a new caBundle and serving the new certificate: the API server reads
+    webhook configurations through an informer, which takes a moment to see the change; 10."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificatePair:
+    """A CA and the serving certificate it signed, PEM-encoded."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    not_after: datetime.datetime
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def service_dns_names(service: str, namespace: str) -> list[str]:
+    """The names the API server uses to reach a webhook Service: `<svc>.<ns>.svc` (and its variants)."""
+    return [
+        service,
+        f"{service}.{namespace}",
+        f"{service}.{namespace}.svc",
+        f"{service}.{namespace}.svc.cluster.local",
+    ]
+
+
+def generate_certificates(
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str] = (),
+    validity: datetime.timedelta = RotationSettings.validity,
+) -> CertificatePair:
+    """A fresh CA and a serving certificate for `dns_names` and `ip_addresses` signed by it."""
+    now = _now()
+    not_before = now - datetime.timedelta(minutes=5)  # tolerate some clock skew with the API server
+    not_after = now + validity
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"outbound-relay webhook CA {now:%Y%m%d%H%M%S}")]
+    )
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
+    common_name = dns_names[0] if dns_names else ip_addresses[0]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return CertificatePair(
+        ca_pem=ca.public_bytes(serialization.Encoding.PEM),
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+        not_after=not_after,
+    )
+
+
+def load_certificate(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """Make `context` serve this certificate from its next handshake on (connections open keep theirs).
+
+    The ssl module reads keys from files only: they pass through a private directory (0700, on the
+    tmpfs the chart mounts at /tmp) and are deleted at once."""
+    with tempfile.TemporaryDirectory(prefix="outbound-webhook-") as directory:
+        cert_file, key_file = Path(directory, "tls.crt"), Path(directory, "tls.key")
+        cert_file.write_bytes(cert_pem)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key_pem)
+        context.load_cert_chain(cert_file, key_file)
+
+
+def server_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _not_after(cert_pem: bytes) -> datetime.datetime:
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+async def patch_ca_bundle(api: client.ApiClient, configuration: str, ca_bundle: bytes) -> bool:
+    """Set the caBundle of every webhook of MutatingWebhookConfiguration `configuration` (RBAC: get and
+    patch on that one name). False if it does not exist (yet); True once every webhook has `ca_bundle`."""
+    admission = client.AdmissionregistrationV1Api(api)
+    wanted = base64.b64encode(ca_bundle).decode()
+    try:
+        current = await asyncio.to_thread(admission.read_mutating_webhook_configuration, configuration)
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    names = [webhook.name for webhook in current.webhooks or ()]
+    stale = [w.name for w in current.webhooks or () if w.client_config.ca_bundle != wanted]
+    if not stale:
+        return True
+    # A JSON patch guarded by `test` on each name: a concurrent edit that reorders webhooks fails the
+    # patch (retried at the next check) instead of writing a caBundle into the wrong entry.
+    patch: list[dict[str, Any]] = []
+    for index, name in enumerate(names):
+        patch.append({"op": "test", "path": f"/webhooks/{index}/name", "value": name})
+        patch.append({"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": wanted})
+    await asyncio.to_thread(admission.patch_mutating_webhook_configuration, configuration, patch)
+    log.info(
+        "caBundle of MutatingWebhookConfiguration %s updated (webhooks %s)", configuration, ", ".join(stale)
+    )
+    return True
+
+
+def _brief(error: Exception) -> str:
+    if isinstance(error, ApiException):
+        return f"{error.status} {error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+class SelfManagedCertificates:
+    """Makes, serves and rotates the serving certificate; keeps the caBundle of `configuration` in sync."""
+
+    def __init__(
+        self,
+        *,
+        context: ssl.SSLContext,
+        api: client.ApiClient,
+        configuration: str,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str] = (),
+        rotation: RotationSettings = RotationSettings(),
+    ) -> None:
+        self.context = context
+        self.api = api
+        self.configuration = configuration
+        self.dns_names = list(dns_names)
+        self.ip_addresses = list(ip_addresses)
+        self.rotation = rotation
+        self.current: CertificatePair | None = None
+        self._trusted: bytes = (
+            b""  # the caBundle we publish: the current CA, plus the previous during a rotation
+        )
+        self.rotations = 0
+
+    def _issue(self) -> CertificatePair:
+        return generate_certificates(self.dns_names, self.ip_addresses, self.rotation.validity)
+
+    async def start(self) -> None:
+        """First certificate: serve it and publish its CA (a missing configuration is retried later)."""
+        self.current = await asyncio.to_thread(self._issue)
+        load_certificate(self.context, self.current.cert_pem, self.current.key_pem)
+        self._trusted = self.current.ca_pem
+        await self._publish()
+        log.info("webhook serving certificate issued, valid until %s", self.current.not_after.isoformat())
+
+    async def _publish(self) -> bool:
+        """True once the API server holds our caBundle, or when there is no configuration to hold it (then
+        nothing calls the webhook); False on an API error, to be retried."""
+        try:
+            if not await patch_ca_bundle(self.api, self.configuration, self._trusted):
+                log.warning(
+                    "MutatingWebhookConfiguration %s not found: no Pod gets the sidecar until it exists",
+                    self.configuration,
+                )
+            return True
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
+            log.warning("caBundle of %s not updated (%s); retrying", self.configuration, _brief(error))
+            return False
+
+    def due(self, now: datetime.datetime | None = None) -> bool:
+        assert self.current is not None
+        return (now or _now()) >= self.current.not_after - self.rotation.renew_before
+
+    async def rotate(self) -> None:
+        """New CA and certificate; trusted alongside the old CA first, served only once that is visible."""
+        assert self.current is not None
+        fresh = await asyncio.to_thread(self._issue)
+        self._trusted = fresh.ca_pem + self.current.ca_pem
+        while not await self._publish():  # noqa: ASYNC110 - retrying an API call, not waiting for an event
+            await asyncio.sleep(self.rotation.check_interval)
+        await asyncio.sleep(self.rotation.propagation_delay)
+        load_certificate(self.context, fresh.cert_pem, fresh.key_pem)
+        self.current = fresh
+        self.rotations += 1
+        log.info("webhook serving certificate rotated, valid until %s", fresh.not_after.isoformat())
+
+    async def run(self) -> None:
+        """Forever: rotate when due, otherwise re-assert the caBundle; cancel to stop."""
+        while True:
+            await asyncio.sleep(self.rotation.check_interval)
+            if self.due():
+                await self.rotate()
+            elif self._trusted != (self.current.ca_pem if self.current else b""):
+                # After a rotation: the old CA has served its purpose, drop it from the bundle.
+                assert self.current is not None
+                self._trusted = self.current.ca_pem
+                await self._publish()
+            else:
+                await self._publish()
+
+
+class FileCertificates:
+    """cert-manager's tls.crt/tls.key in a mounted directory, reloaded when the kubelet updates them."""
+
+    def __init__(self, *, context: ssl.SSLContext, directory: Path, check_interval: float = 60.0) -> None:
+        self.context = context
+        self.directory = directory
+        self.check_interval = check_interval
+        self._loaded: tuple[bytes, bytes] | None = None
+
+    async def start(self) -> None:
+        if not self._reload():
+            raise FileNotFoundError(
+                f"{self.directory}: no tls.crt and tls.key (is the cert-manager Secret mounted?)"
+            )
+
+    def _reload(self) -> bool:
+        try:
+            pair = (
+                self.directory.joinpath("tls.crt").read_bytes(),
+                self.directory.joinpath("tls.key").read_bytes(),
+            )
+        except OSError:
+            return False
+        if pair != self._loaded:
+            load_certificate(self.context, *pair)
+            self._loaded = pair
+            log.info(
+                "webhook serving certificate loaded from %s, valid until %s",
+                self.directory,
+                _not_after(pair[0]),
+            )
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval)
+            with contextlib.suppress(ssl.SSLError, ValueError):  # a half-written pair: next check
+                self._reload()

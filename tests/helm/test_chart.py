@@ -1,0 +1,316 @@
+"""charts/outbound-relay with the real helm against the real API server: lint, server-side dry-run of what
+`helm template` renders, install and uninstall, and the RBAC it grants as the API server evaluates it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from outbound_operator import cli, webhook
+from tests.cluster.controlplane import ControlPlane
+from tests.helm.chart import CHART, CRDS, find, helm, objects, read_json, release_name, template, values_file
+
+pytestmark = pytest.mark.cluster
+
+CRD_NAMES = ("outboundauthpolicies.outboundrelay.io", "outboundbindinggroups.outboundrelay.io")
+
+# Value sets every test renders; "{watched}" is replaced by a real namespace where one is needed.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "watch-namespaces": {"operator": {"watchNamespaces": ["{watched}"]}},
+    "webhook-url": {
+        "webhook": {"url": "https://127.0.0.1:9443/mutate-pods", "certIPAddresses": ["127.0.0.1"]}
+    },
+    "webhook-off": {"webhook": {"enabled": False}, "metrics": {"service": {"enabled": False}}},
+    "relay-settings": {
+        "relay": {
+            "image": {"repository": "registry.example/relay", "tag": "1.2.3", "pullPolicy": "Always"},
+            "resources": {
+                "requests": {"cpu": "5m", "memory": "32Mi"},
+                "limits": {"cpu": "1", "memory": "1Gi"},
+            },
+            "hooksConfigMap": "mail-hooks",
+            "logLevel": "debug",
+        }
+    },
+}
+# These need CRDs the test cluster lacks (cert-manager, prometheus-operator): rendered and linted only.
+CRD_DEPENDENT: dict[str, dict[str, Any]] = {
+    "cert-manager": {"webhook": {"certManager": {"enabled": True}}},
+    "cert-manager-issuer": {
+        "webhook": {
+            "certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}
+        }
+    },
+    "monitors": {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+}
+
+
+def _with_namespace(values: dict[str, Any], namespace: str) -> dict[str, Any]:
+    return json.loads(json.dumps(values).replace("{watched}", namespace))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, *CRD_DEPENDENT])
+def test_lint_is_clean(control_plane: ControlPlane, tmp_path: Path, variant: str) -> None:
+    values = _with_namespace({**VARIANTS, **CRD_DEPENDENT}[variant], "mail")
+    proc = helm(control_plane, "lint", "--strict", str(CHART), "--values", str(values_file(tmp_path, values)))
+    assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_template_is_accepted_by_the_api_server(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path, variant: str
+) -> None:
+    values = _with_namespace(VARIANTS[variant], namespace)
+    manifest = template(control_plane, tmp_path, values, namespace=namespace, include_crds=True)
+    out = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
+    kinds = {line.split("/")[0] for line in out.splitlines()}
+    assert "customresourcedefinition.apiextensions.k8s.io" in kinds
+    assert "deployment.apps" in kinds
+    if variant != "webhook-off":
+        assert "mutatingwebhookconfiguration.admissionregistration.k8s.io" in kinds
+
+
+def test_crds_come_from_the_one_source_in_crds(control_plane: ControlPlane, tmp_path: Path) -> None:
+    assert (CHART / "crds").is_symlink() and (CHART / "crds").resolve() == CRDS.resolve()
+    docs = objects(template(control_plane, tmp_path, include_crds=True))
+    rendered = {d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")}
+    assert rendered == set(CRD_NAMES)
+    # `helm package` follows the symlink: the packaged chart carries the files themselves.
+    helm(control_plane, "package", str(CHART), "--destination", str(tmp_path))
+    packaged = next(tmp_path.glob("outbound-relay-*.tgz"))
+    import tarfile
+
+    with tarfile.open(packaged) as tgz:
+        members = {m.name: m for m in tgz.getmembers()}
+    for crd in CRDS.glob("*.yaml"):
+        member = members[f"outbound-relay/crds/{crd.name}"]
+        assert member.isfile()
+
+
+def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_path: Path) -> None:
+    docs = objects(template(control_plane, tmp_path))
+    (deployment,) = find(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert {"startupProbe", "livenessProbe", "readinessProbe"} <= container.keys()
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert "--all-namespaces" in container["args"]
+
+
+@pytest.mark.parametrize(
+    "variant", ["defaults", "watch-namespaces", "webhook-url", "relay-settings", "cert-manager"]
+)
+def test_operator_accepts_what_the_chart_passes(
+    control_plane: ControlPlane, tmp_path: Path, variant: str
+) -> None:
+    """The Deployment's args parse with outbound-operator's own parser (plus the webhook's options), and
+    the sidecar.yaml of the chart's ConfigMap loads into the webhook's InjectionSettings."""
+    values = _with_namespace({**VARIANTS, **CRD_DEPENDENT}[variant], "mail")
+    docs = objects(template(control_plane, tmp_path, values))
+    (deployment,) = find(docs, "Deployment")
+    (configuration,) = find(docs, "MutatingWebhookConfiguration")
+    (sidecar_config,) = find(docs, "ConfigMap", "-sidecar")
+    sidecar_file = tmp_path / "sidecar.yaml"
+    sidecar_file.write_text(sidecar_config["data"]["sidecar.yaml"])
+    args = [
+        f"--webhook-sidecar-config={sidecar_file}" if arg.startswith("--webhook-sidecar-config=") else arg
+        for arg in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    ]
+    parser = cli.build_parser()
+    with contextlib.suppress(argparse.ArgumentError):  # already there once the CLI adds them itself
+        webhook.add_arguments(parser)
+    settings = webhook.settings_from_args(parser.parse_args(args))
+    assert settings is not None
+    assert settings.configuration == configuration["metadata"]["name"]
+    assert settings.port == 9443
+    assert "kube-system" in settings.never_injected
+    if variant == "relay-settings":
+        assert settings.injection.image == "registry.example/relay:1.2.3"
+        assert settings.injection.resources.limits.cpu == "1"
+        assert settings.injection.hooks_config_map == "mail-hooks"
+        assert settings.injection.log_level == "debug"
+    else:
+        assert settings.injection.image == "ghcr.io/outbound-relay/outbound-relay:0.1.0"
+    if variant == "webhook-url":
+        assert settings.extra_ip_addresses == ("127.0.0.1",)
+    if variant.startswith("cert-manager"):
+        assert settings.cert_dir == Path("/etc/outbound-operator/tls")
+
+
+def test_webhook_configuration_cannot_take_a_namespace_down(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    docs = objects(template(control_plane, tmp_path, namespace="mail-system"))
+    (configuration,) = find(docs, "MutatingWebhookConfiguration")
+    (webhook,) = configuration["webhooks"]
+    assert webhook["failurePolicy"] == "Ignore"
+    assert webhook["sideEffects"] == "None"
+    assert webhook["timeoutSeconds"] <= 5
+    assert webhook["rules"] == [
+        {
+            "operations": ["CREATE"],
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    expressions = webhook["namespaceSelector"]["matchExpressions"]
+    assert {"key": "outboundrelay.io/inject", "operator": "In", "values": ["enabled"]} in expressions
+    (excluded,) = [e for e in expressions if e["operator"] == "NotIn"]
+    assert {"kube-system", "mail-system"} <= set(excluded["values"])
+    assert "caBundle" not in webhook["clientConfig"]  # the operator's to write; helm must not reset it
+    assert webhook["clientConfig"]["service"]["path"] == "/mutate-pods"
+
+
+@pytest.mark.parametrize("bad", [
+    {"webhook": {"failurePolicy": "Maybe"}},
+    {"webhook": {"timeoutSeconds": 60}},
+    {"operator": {"watchNamespaces": ["Not_A_Namespace"]}},
+    {"relay": {"logLevel": "chatty"}},
+    {"relay": {"metricsPort": 0}},
+    {"image": {"repository": ""}},
+    {"unknownTopLevel": True},
+])  # fmt: skip
+def test_values_schema_rejects_mistakes(
+    control_plane: ControlPlane, tmp_path: Path, bad: dict[str, Any]
+) -> None:
+    args = ["template", "x", str(CHART), "--values", str(values_file(tmp_path, bad))]
+    proc = helm(control_plane, *args, check=False)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr
+
+
+def _rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rule for d in docs if d["kind"] in ("ClusterRole", "Role") for rule in d["rules"]]
+
+
+@pytest.mark.parametrize("variant", ["defaults", "watch-namespaces", "cert-manager"])
+def test_rbac_has_no_wildcards_and_writes_only_its_secret(
+    control_plane: ControlPlane, tmp_path: Path, variant: str
+) -> None:
+    values = _with_namespace({**VARIANTS, **CRD_DEPENDENT}[variant], "mail")
+    rules = _rules(objects(template(control_plane, tmp_path, values)))
+    for rule in rules:
+        for field in ("apiGroups", "resources", "verbs", "resourceNames"):
+            assert "*" not in rule.get(field, ()), rule
+    secret_rules = [r for r in rules if "secrets" in r["resources"]]
+    for rule in secret_rules:
+        writes = set(rule["verbs"]) & {"update", "patch", "delete"}
+        if writes:
+            assert rule["resourceNames"] == ["outbound-relay-config"]
+    webhook_rules = [r for r in rules if "mutatingwebhookconfigurations" in r["resources"]]
+    if variant == "cert-manager":
+        assert not webhook_rules  # cainjector writes the caBundle
+    else:
+        (rule,) = webhook_rules
+        assert set(rule["verbs"]) == {"get", "patch"} and len(rule["resourceNames"]) == 1
+
+
+def _can(
+    control_plane: ControlPlane, who: str, verb: str, resource: str, namespace: str | None = None
+) -> bool:
+    resource, _, subresource = resource.partition(":")
+    args = ["auth", "can-i", verb, resource, f"--as={who}"]
+    args += [f"--subresource={subresource}"] if subresource else []
+    args += [f"--namespace={namespace}"] if namespace else []
+    proc = control_plane.run("kubectl", *args, check=False)
+    return proc.stdout.strip() == "yes"
+
+
+def _wait_established(api: client.ApiClient, names: set[str], timeout: float = 60) -> None:
+    extensions = client.ApiextensionsV1Api(api)
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending:
+        for name in sorted(pending):
+            crd = read_json(extensions.read_custom_resource_definition, name)
+            conditions = crd.get("status", {}).get("conditions", [])
+            if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                pending.discard(name)
+        assert time.monotonic() < deadline, f"CRDs not established after {timeout}s: {pending}"
+        time.sleep(0.2)
+
+
+def test_install_and_uninstall(
+    control_plane: ControlPlane, k8s_client: client.ApiClient, namespace: str, tmp_path: Path
+) -> None:
+    release = release_name()
+    out = helm(
+        control_plane, "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s"
+    )
+    assert "STATUS: deployed" in out.stdout
+    _wait_established(
+        k8s_client, {"outboundauthpolicies.outboundrelay.io", "outboundbindinggroups.outboundrelay.io"}
+    )
+
+    apps = client.AppsV1Api(k8s_client)
+    fullname = f"{release}-outbound-relay"
+    deployment = read_json(apps.read_namespaced_deployment, fullname, namespace)
+    assert deployment["status"]["availableReplicas"] == 1  # kwok plays the kubelet: the Pod is Running
+    configuration = f"{fullname}-{namespace}"
+    admission = client.AdmissionregistrationV1Api(k8s_client)
+    stored = read_json(admission.read_mutating_webhook_configuration, configuration)
+    assert stored["webhooks"][0]["failurePolicy"] == "Ignore"
+    # A policy is accepted: the CRDs serve.
+    control_plane.kubectl(
+        "apply", "-n", namespace, "-f", str(Path(__file__).parents[2] / "docs/examples/policy.yaml")
+    )
+
+    who = f"system:serviceaccount:{namespace}:{fullname}"
+    assert _can(control_plane, who, "list", "secrets", "default")
+    assert _can(control_plane, who, "update", "secrets/outbound-relay-config", "default")
+    assert not _can(control_plane, who, "update", "secrets/someone-elses", "default")
+    assert _can(control_plane, who, "patch", "outboundauthpolicies.outboundrelay.io:status", "default")
+    assert not _can(control_plane, who, "patch", "outboundauthpolicies.outboundrelay.io", "default")
+    assert not _can(control_plane, who, "delete", "outboundauthpolicies.outboundrelay.io", "default")
+    assert _can(control_plane, who, "patch", f"mutatingwebhookconfigurations/{configuration}")
+    assert not _can(control_plane, who, "patch", "mutatingwebhookconfigurations/another")
+    assert not _can(control_plane, who, "create", "pods", "default")
+
+    helm(control_plane, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s")
+    listed = read_json(admission.list_mutating_webhook_configuration)["items"]
+    assert configuration not in [c["metadata"]["name"] for c in listed]
+    roles = read_json(client.RbacAuthorizationV1Api(k8s_client).list_cluster_role)["items"]
+    assert not [r for r in roles if r["metadata"]["name"].startswith(fullname)]
+    # Helm never deletes what crds/ installed: policies survive an uninstall.
+    _wait_established(k8s_client, {CRD_NAMES[0]})
+
+
+def test_watch_namespaces_confine_secret_access(
+    control_plane: ControlPlane, k8s_client: client.ApiClient, namespace: str
+) -> None:
+    core = client.CoreV1Api(k8s_client)
+    watched = f"{namespace}-watched"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=watched)))
+    release = release_name()
+    try:
+        helm(
+            control_plane, "install", release, str(CHART), "--namespace", namespace,
+            "--set", f"operator.watchNamespaces={{{watched}}}", "--wait", "--timeout", "120s",
+        )  # fmt: skip
+        who = f"system:serviceaccount:{namespace}:{release}-outbound-relay"
+        assert _can(control_plane, who, "watch", "secrets", watched)
+        assert _can(control_plane, who, "list", "outboundauthpolicies.outboundrelay.io", watched)
+        assert not _can(control_plane, who, "get", "secrets", "default")
+        assert not _can(control_plane, who, "get", "secrets", namespace)
+        assert not _can(control_plane, who, "list", "outboundauthpolicies.outboundrelay.io", "default")
+        helm(control_plane, "uninstall", release, "--namespace", namespace, "--wait")
+    finally:
+        core.delete_namespace(watched)
