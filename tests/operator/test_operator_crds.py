@@ -36,13 +36,19 @@ def rejection(objects: Objects, spec: dict[str, Any]) -> str:
         ),
         ({"gateway": {"host": "smtp.example", "port": 0}}, "spec.gateway.port: Invalid value: 0"),
         ({"gateway": {"host": "smtp.example", "port": 65536}}, "spec.gateway.port: Invalid value: 65536"),
-        ({"userSecretRef": {"name": "s", "key": "user"}}, "set exactly one of user or userSecretRef"),
-        ({"user": None}, "set exactly one of user or userSecretRef"),
+        ({"userSecretRef": {"name": "s", "key": "user"}}, "set user or userSecretRef, not both"),
         ({"oauth2": {"tokenURL": "https://login.example/token"}}, "oauth2 is only valid with type XOAUTH2"),
+        (
+            {"type": None, "oauth2": {"tokenURL": "https://login.example/token"}},
+            "oauth2 is only valid with type",
+        ),
         ({"scope": {"binding": "a", "bindingGroup": "g"}}, "set binding or bindingGroup, not both"),
         ({"scope": {"domain": "not a domain"}}, "spec.scope.domain: Invalid value"),
         ({"tls": {"mode": "ssl"}}, 'spec.tls.mode: Unsupported value: "ssl"'),
-        ({"passwordSecretRef": None}, "set passwordSecretRef"),
+        (
+            {"type": "XOAUTH2", "oauth2": {"tokenURL": "https://t.example/"}},
+            "set passwordSecretRef (a password",
+        ),
         ({"passwordSecretRef": {"name": "s"}}, "spec.passwordSecretRef.key: Required value"),
     ],
     ids=[
@@ -50,18 +56,32 @@ def rejection(objects: Objects, spec: dict[str, Any]) -> str:
         "port-0",
         "port-too-big",
         "user-and-userSecretRef",
-        "no-user",
         "oauth2-on-plain",
+        "oauth2-without-type",
         "binding-and-group",
         "bad-domain",
         "bad-tls-mode",
-        "no-password",
+        "password-and-oauth2",
         "ref-without-key",
     ],
 )
 def test_invalid_policy_is_rejected(objects: Objects, change: dict[str, Any], expected: str) -> None:
     spec = {k: v for k, v in {**VALID, **change}.items() if v is not None}
     assert expected in rejection(objects, spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"gateway": {"host": "smtp.example.net", "port": 587}},  # a global policy with the gateway only
+        {"scope": {"domain": "sparkpost.com"}, "user": "sp", "passwordSecretRef": {"name": "s", "key": "p"}},
+        {"scope": {"bindingGroup": "marketing"}, "type": "LOGIN"},
+    ],
+    ids=["gateway-only", "credentials-only", "type-only"],
+)
+def test_partial_policies_are_admitted(objects: Objects, spec: dict[str, Any]) -> None:
+    """Each setting falls back on its own (DESIGN.md), so no setting is required on its own policy."""
+    assert objects.apply_policy("partial", spec)["spec"].get("scope") == spec.get("scope")
 
 
 def test_valid_policy_is_admitted_with_defaults(objects: Objects) -> None:

@@ -142,7 +142,6 @@ def test_oauth2_policy_is_invalid_and_suspended(objects: Objects, start_operator
             "scope": {"domain": "bird.com"},
             "type": "XOAUTH2",
             "user": "test@contoso.onmicrosoft.com",
-            "passwordSecretRef": {"name": "bird", "key": "token"},
             "oauth2": {
                 "tokenURL": "https://login.example/token",
                 "refreshTokenSecretRef": {"name": "bird", "key": "refresh"},
