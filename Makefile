@@ -2,7 +2,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup demo test lint unit cluster cluster-down bench clean
+.PHONY: setup demo test lint unit cluster cluster-down bench bench-hooks bench-operator clean
 
 setup:
 	@hack/setup
@@ -32,6 +32,12 @@ cluster-down:
 
 bench: setup
 	$(VENV)/python -m bench $(BENCH_ARGS)
+
+bench-hooks: setup
+	$(VENV)/python -m bench.hooks_bench
+
+bench-operator: setup
+	$(VENV)/python -m bench.operator_bench
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
