@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from outbound_relay.config import ConfigError, load_config
-from outbound_relay.delivery import Generation
+from outbound_relay.delivery import Generation, Overrides
 from outbound_relay.redaction import REDACTED, SecretRedactor
 from outbound_relay.scopes import Route, ScopeIndex, Sourced, level_of
 from outbound_relay.upstream import release_free_memory
@@ -38,17 +38,21 @@ async def _serve(args: argparse.Namespace) -> int:
     from outbound_relay.server import RelayServer
 
     redactor = _setup_logging(args.log_level)
+    overrides = Overrides(default_binding=args.default_binding, metrics_port=args.metrics_port)
     try:
-        generation = Generation.load(args.config, default_binding=args.default_binding)
+        generation = Generation.load(args.config, overrides)
     except ConfigError as error:
-        log.error("%s", error)
-        return 2
+        if not (args.allow_missing_config and not args.config.exists()):
+            log.error("%s", error)
+            return 2
+        log.warning("%s does not exist yet: deferring all mail until it does", args.config)
+        generation = Generation.waiting_for(args.config, overrides)
     server = RelayServer(
         generation,
         config_path=args.config,
         reload_interval=args.reload_interval,
         redactor=redactor,
-        default_binding=args.default_binding,
+        overrides=overrides,
     )
     await server.start()
     # Start-up (config model, imports) leaves garbage and free heap pages: hand them back, then keep
@@ -83,8 +87,7 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    config = generation.config
-    print(f"{args.config}: ok, {len(config.policies)} policies, generation {generation.short_digest}")
+    print(f"{args.config}: ok, {len(generation.config.policies)} policies")
     return 0
 
 
@@ -201,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="binding of mail without the binding header; overrides defaultBinding in the file "
         "(the sidecar sets it from the Pod annotation outboundrelay.io/binding)",
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="overrides metrics.port in the file (0: any free port)",
+    )
+    serve.add_argument(
+        "--allow-missing-config",
+        action="store_true",
+        help="start even if the config file does not exist yet, deferring (4xx) all mail until it does "
+        "(a sidecar whose Secret the operator has not rendered yet)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(

@@ -230,7 +230,9 @@ class RelayConfig(Model):
     listen: ListenConfig = ListenConfig()
     metrics: MetricsConfig = MetricsConfig()
     default_binding: str = Field(default="default", alias="defaultBinding", min_length=1)
-    binding_header: str = Field(default="X-Binding", alias="bindingHeader", min_length=1)
+    binding_header: str = Field(
+        default="X-Binding", alias="bindingHeader", min_length=1, pattern=r"^[!-9;-~]+$"
+    )  # RFC 5322 3.6.8: printable ASCII but ":"
     binding_groups: dict[str, tuple[str, ...]] = Field(default_factory=dict, alias="bindingGroups")
     policies: tuple[Policy, ...] = ()
     hooks: Hooks = Hooks()
@@ -238,11 +240,12 @@ class RelayConfig(Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:
+        problems: list[str] = []  # all of them at once, as for the per-key errors
         group_of: dict[str, str] = {}
         for group, bindings in self.binding_groups.items():
             for binding in bindings:
                 if binding in group_of:
-                    raise ValueError(
+                    problems.append(
                         f"bindingGroups: binding {binding!r} is in both {group_of[binding]!r} and {group!r}"
                     )
                 group_of[binding] = group
@@ -251,17 +254,19 @@ class RelayConfig(Model):
         for i, policy in enumerate(self.policies):
             where = f"policies[{i}] ({policy.name})"
             if policy.name in names:
-                raise ValueError(f"{where}: name is used by an earlier policy")
+                problems.append(f"{where}: name is used by an earlier policy")
             names.add(policy.name)
             if policy.scope in scopes:
-                raise ValueError(
+                problems.append(
                     f"{where}: scope {policy.scope.describe()} is already taken by policy "
                     f"{scopes[policy.scope]!r}"
                 )
-            scopes[policy.scope] = policy.name
+            scopes.setdefault(policy.scope, policy.name)
             wanted = policy.scope.binding_group
             if wanted is not None and wanted not in self.binding_groups:
-                raise ValueError(f"{where}: scope.bindingGroup {wanted!r} is not declared in bindingGroups")
+                problems.append(f"{where}: scope.bindingGroup {wanted!r} is not declared in bindingGroups")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -344,32 +349,54 @@ def resolve_files(config: RelayConfig, base_dir: Path) -> RelayConfig:
 
 def load_config(path: Path) -> RelayConfig:
     """Read, parse and validate a relay.yaml, with its password and CA files resolved."""
+    return read_config(path)[0]
+
+
+def read_config(path: Path) -> tuple[RelayConfig, str]:
+    """`load_config`, and the digest of what it read: the config's bytes as read, the other files'
+    before they are read for use, so a change landing meanwhile is seen at the next poll, never lost."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except OSError as error:
         raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 (byte {error.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     config = parse_config(data, source=str(path))
-    return resolve_files(config, path.parent)
+    digest = fingerprint(watched_files(config, path), first=raw)
+    return resolve_files(config, path.parent), digest
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What and where, without PyYAML's quote of the line: that line may hold a password."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return type(error).__name__
 
 
 def watched_files(config: RelayConfig, path: Path) -> tuple[Path, ...]:
-    """The files whose change means a reload: the config itself, every passwordFile and caFile."""
-    extra = [path.parent / p.password_file for p in config.policies if p.password_file is not None]
+    """The files whose change means a reload: the config itself, every passwordFile, caFile and Lua hook
+    (relative paths are relative to the config's directory)."""
+    extra = [p.password_file for p in config.policies if p.password_file is not None]
     extra += [p.tls.ca_file for p in config.policies if p.tls is not None and p.tls.ca_file is not None]
-    return (path, *extra)
+    extra += config.hooks.lua
+    return (path, *(path.parent / file for file in extra))
 
 
-def fingerprint(paths: tuple[Path, ...]) -> str:
-    """A digest of the files' current bytes; reading through symlinks sees the kubelet's `..data` swap."""
+def fingerprint(paths: tuple[Path, ...], *, first: bytes | None = None) -> str:
+    """A digest of the files' current bytes (`first`: the first file's, already read); reading through
+    symlinks sees the kubelet's `..data` swap. It covers passwords: never log or export it as it is."""
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path).encode())
+    for i, path in enumerate(paths):
+        digest.update(str(path).encode() + b"\0")
         try:
-            digest.update(path.read_bytes())
+            content = first if i == 0 and first is not None else path.read_bytes()
+            digest.update(len(content).to_bytes(8, "big") + content)
         except OSError as error:
             digest.update(f"unreadable:{error.errno}".encode())
     return digest.hexdigest()

@@ -21,6 +21,10 @@ T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
 
+# Resolved routes and signatures kept per config generation; past this the cache starts over.
+MAX_CACHED = 10_000
+
+
 class Level(IntEnum):
     DOMAIN_IN_BINDING = 1
     DOMAIN_IN_BINDING_GROUP = 2
@@ -148,6 +152,8 @@ class ScopeIndex:
         key = (domain.lower().rstrip("."), binding)
         route = self._routes.get(key)
         if route is None:
+            if len(self._routes) >= MAX_CACHED:  # the binding header is the app's to choose: stay bounded
+                self._routes.clear()
             route = self._resolve(*key)
             self._routes[key] = route
         return route
@@ -199,5 +205,7 @@ class ScopeIndex:
             )
             if self._domains_always_split:
                 found = (*found, f"domain:{domain}")
+            if len(self._signatures) >= MAX_CACHED:
+                self._signatures.clear()
             self._signatures[domain] = found
         return found

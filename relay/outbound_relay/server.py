@@ -15,7 +15,7 @@ from aiosmtpd.smtp import SMTP
 from prometheus_client import start_http_server
 
 from outbound_relay.config import ConfigError, fingerprint
-from outbound_relay.delivery import DOT_ATOM_ADDRESS, Generation, RelayHandler
+from outbound_relay.delivery import DOT_ATOM_ADDRESS, NO_OVERRIDES, Generation, Overrides, RelayHandler
 from outbound_relay.metrics import RelayMetrics
 from outbound_relay.redaction import SecretRedactor
 from outbound_relay.upstream import UpstreamPool
@@ -38,13 +38,13 @@ class RelayServer:
         config_path: Path | None = None,
         reload_interval: float = 1.0,
         redactor: SecretRedactor | None = None,
-        default_binding: str | None = None,
+        overrides: Overrides = NO_OVERRIDES,
     ) -> None:
         self.metrics = RelayMetrics()
         self.config_path = config_path
         self.reload_interval = reload_interval
         self.redactor = redactor
-        self.default_binding = default_binding
+        self.overrides = overrides
         upstream = generation.config.upstream
         self.pool = UpstreamPool(
             self.metrics,
@@ -59,7 +59,7 @@ class RelayServer:
         self._sessions: set[SMTP] = set()
         self._metrics_server: Any = None
         self._reloader: asyncio.Task[None] | None = None
-        self._rejected_digest: str | None = None
+        self._rejected: str | None = None  # why the newest file was refused, while it is
 
     @property
     def generation(self) -> Generation:
@@ -131,24 +131,28 @@ class RelayServer:
         assert self.config_path is not None
         while True:
             await asyncio.sleep(self.reload_interval)
-            digest = await asyncio.to_thread(fingerprint, self.generation.files)
-            if digest in (self.generation.digest, self._rejected_digest):
-                continue
+            # After a refusal, try the file itself again each time: what was wrong may be a file that
+            # only the refused config names (a new passwordFile), which the digest below cannot see.
+            if self._rejected is None:
+                digest = await asyncio.to_thread(fingerprint, self.generation.files)
+                if digest == self.generation.digest:
+                    continue
             await self.reload()
 
     async def reload(self) -> bool:
         """Load the config file anew; on any error keep the config in force and count the failure."""
         assert self.config_path is not None
         try:
-            generation = await asyncio.to_thread(
-                Generation.load, self.config_path, default_binding=self.default_binding
-            )
+            generation = await asyncio.to_thread(Generation.load, self.config_path, self.overrides)
         except ConfigError as error:
-            self._rejected_digest = await asyncio.to_thread(fingerprint, self.generation.files)
-            self.metrics.config_reloads.labels(result="failure").inc()
-            log.error("config reload rejected, keeping config %s: %s", self.generation.short_digest, error)
+            if str(error) != self._rejected:  # the same refusal, retried, is logged and counted once
+                self._rejected = str(error)
+                self.metrics.config_reloads.labels(result="failure").inc()
+                log.error(
+                    "config reload rejected, keeping config %s: %s", self.generation.short_digest, error
+                )
             return False
-        self._rejected_digest = None
+        self._rejected = None
         old = self.generation.config
         if (old.listen, old.metrics) != (generation.config.listen, generation.config.metrics):
             log.warning("listen and metrics addresses change only on restart; the new ones wait until then")
@@ -161,6 +165,15 @@ class RelayServer:
         )
         return True
 
+    def open_transactions(self) -> int:
+        """Sessions between MAIL and the reply to DATA: aiosmtpd gives each a fresh envelope once a
+        transaction ends in any way, so the current envelope's sender says whether one is open."""
+        return sum(
+            1
+            for session in self._sessions
+            if session.envelope is not None and session.envelope.mail_from is not None  # "" is <>
+        )
+
     async def stop(self, grace_seconds: float = 25.0) -> None:
         """Stop accepting, let transactions in flight finish (bounded), then close everything."""
         if self._reloader is not None:
@@ -169,12 +182,13 @@ class RelayServer:
                 await self._reloader
         if self._smtp_server is not None:
             self._smtp_server.close()
-        try:
-            await asyncio.wait_for(self.handler.idle.wait(), grace_seconds)
-        except TimeoutError:
-            log.warning(
-                "%d transaction(s) still open after %gs; closing them", self.handler.in_flight, grace_seconds
-            )
+        self.handler.closing = True
+        deadline = asyncio.get_running_loop().time() + grace_seconds
+        # Polled: aiosmtpd ends transactions in ways that call no hook of ours (see open_transactions).
+        while (still_open := self.open_transactions()) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if still_open:
+            log.warning("%d transaction(s) still open after %gs; closing them", still_open, grace_seconds)
         for session in list(self._sessions):
             if session.transport is not None:
                 session.transport.close()

@@ -136,6 +136,7 @@ class UpstreamConnection:
     timeout: float = 60.0  # for each reply
     pipelining: bool = False  # the server offers PIPELINING (RFC 2920)
     eight_bit_mime: bool = False  # the server offers 8BITMIME
+    smtputf8: bool = False  # the server offers SMTPUTF8 (RFC 6531)
     _transport: asyncio.WriteTransport | None = None
     _reader: ReplyReader | None = None
 
@@ -144,6 +145,7 @@ class UpstreamConnection:
         smtp = self.smtp
         self.pipelining = smtp.supports_extension("pipelining")
         self.eight_bit_mime = smtp.supports_extension("8bitmime")
+        self.smtputf8 = smtp.supports_extension("smtputf8")
         assert smtp.transport is not None, "connected"
         # uvloop's transports are not asyncio.WriteTransport subclasses, but write like one.
         self._transport, self._reader = cast(asyncio.WriteTransport, smtp.transport), ReplyReader()
@@ -179,7 +181,8 @@ class UpstreamConnection:
 
 @dataclass(eq=False)
 class _Slot:
-    limit: asyncio.Semaphore  # maxConnections of the route
+    capacity: int  # maxConnections of the route
+    limit: asyncio.Semaphore
     idle: list[UpstreamConnection] = field(default_factory=list)
     users: int = 0  # tasks holding or waiting for a connection; the slot is dropped only at 0
 
@@ -217,16 +220,22 @@ class UpstreamPool:
         self._busy_gauge = metrics.upstream_connections.labels(state="busy")
 
     def configure(self, *, connect_timeout: float, timeout: float, idle_timeout: float) -> None:
-        """Take new timeouts from a reloaded config; open connections keep working."""
+        """Take a reloaded config's timeouts; open connections keep working. CA files are read anew (a
+        rotated caFile keeps its path), so TLS contexts are rebuilt for new connections."""
         self.connect_timeout, self.timeout, self.idle_timeout = connect_timeout, timeout, idle_timeout
+        self._tls_contexts.clear()
 
     @contextlib.asynccontextmanager
     async def session(self, route: Route, *, fresh: bool = False) -> AsyncIterator[UpstreamConnection]:
         """An authenticated connection for `route`, returned to the pool afterwards unless it broke."""
         key = route_key(route)
+        capacity = route.max_connections.value
         slot = self._slots.get(key)
-        if slot is None:
-            slot = self._slots[key] = _Slot(asyncio.Semaphore(route.max_connections.value))
+        if slot is None or slot.capacity != capacity:
+            # New, or maxConnections changed on reload: a fresh slot takes over the idle sessions; tasks
+            # still holding the old one's permits release them there, so the counts stay right.
+            idle, slot = (slot.idle if slot else []), _Slot(capacity, asyncio.Semaphore(capacity))
+            slot.idle, self._slots[key] = idle, slot
         self._start_reaper()
         slot.users += 1
         try:
@@ -253,7 +262,8 @@ class UpstreamPool:
                         await self._close(conn)
                     else:
                         conn.last_used = time.monotonic()
-                        slot.idle.append(conn)
+                        # To the key's current slot: this one may have been replaced meanwhile.
+                        self._slots.setdefault(key, slot).idle.append(conn)
                     self._gauge()
             finally:
                 slot.limit.release()
@@ -266,6 +276,7 @@ class UpstreamPool:
             conn = slot.idle.pop()  # the most recently used is the least likely to have been dropped
             if not fresh and conn.is_connected and now - conn.last_used < self.idle_timeout:
                 conn.reused = True
+                conn.timeout = self.timeout  # a reload may have changed it since the session opened
                 return conn
             await self._close(conn)
         return None

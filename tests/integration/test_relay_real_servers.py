@@ -140,6 +140,10 @@ async def test_postfix_wrong_password(postfix: PostfixSubmission, ca: TLSFiles, 
             ]
         },
     )
+    rcpt = unique("postfix.test")
     async with running_relay(config) as relay:
-        outcome = await submit(relay.port, [unique("postfix.test")], message())
+        outcome = await submit(relay.port, [rcpt], message())
     assert outcome.code == 454, outcome
+    assert outcome.data_reply is not None
+    assert "nope-nope" not in outcome.data_reply[1]
+    assert postfix.sink.messages_to(rcpt) == []

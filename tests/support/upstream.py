@@ -31,6 +31,7 @@ class _State:
     received: list[Received] = field(default_factory=list)
     auth_log: list[tuple[str, str, bool]] = field(default_factory=list)  # (mechanism, user, accepted)
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> forced reply
+    mail_replies: list[str] = field(default_factory=list)  # forced replies to the next MAILs, in order
     data_reply: str | None = None
     data_delay: float = 0.0
     connections: int = 0
@@ -51,6 +52,15 @@ class _Handler:
         if not ok:
             return AuthResult(success=False, handled=False, message="535 5.7.8 Invalid token")
         return AuthResult(success=True, auth_data=LoginPassword(user.encode(), b""))
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if self.state.mail_replies:
+            return self.state.mail_replies.pop(0)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -94,6 +104,7 @@ class AuthUpstream:
         require_tls: bool = True,
         require_auth: bool = True,
         offer_starttls: bool = True,
+        smtputf8: bool = False,
     ) -> None:
         self.state = _State(users=dict(users or {}), tokens=dict(tokens or {}))
         self.tls = tls
@@ -101,6 +112,7 @@ class AuthUpstream:
         self.require_tls = require_tls
         self.require_auth = require_auth
         self.offer_starttls = offer_starttls
+        self.smtputf8 = smtputf8
         self._server: asyncio.Server | None = None
         self._sessions: set[SMTP] = set()
 
@@ -147,6 +159,7 @@ class AuthUpstream:
             hostname="upstream.test",
             authenticator=self._authenticate,
             auth_required=self.require_auth,
+            enable_SMTPUTF8=self.smtputf8,
             # With implicit TLS the whole socket is TLS, which aiosmtpd does not see: it only tracks STARTTLS.
             auth_require_tls=self.require_tls and not self.implicit_tls,
             require_starttls=self.require_tls and not self.implicit_tls,

@@ -178,3 +178,26 @@ def test_ca_file_is_relative_to_config_and_must_exist(tmp_path: Path) -> None:
         ConfigError, match=r"policies\[0\] \(a\): tls.caFile .*missing.pem.* is not a readable file"
     ):
         load_config(path)
+
+
+def test_yaml_errors_do_not_quote_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "relay.yaml"
+    path.write_text("policies:\n  - name: a\n    password: s3cr3t: Tok3n\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "line 3" in str(caught.value)
+    assert "Tok3n" not in str(caught.value)
+
+
+def test_consistency_problems_are_reported_together() -> None:
+    message = error_of(
+        "bindingGroups: {g1: [b], g2: [b]}\npolicies: [{name: a}, {name: a, scope: {bindingGroup: nope}}]"
+    )
+    assert "binding 'b' is in both" in message
+    assert "policies[1] (a): name is used by an earlier policy" in message
+    assert "bindingGroup 'nope' is not declared" in message
+
+
+def test_binding_header_must_be_a_header_name() -> None:
+    assert "bindingHeader" in error_of("bindingHeader: 'X-Bindüng'")
+    assert "bindingHeader" in error_of("bindingHeader: 'X Binding'")

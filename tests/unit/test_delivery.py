@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from outbound_relay.server import RelayServer
@@ -270,7 +271,7 @@ async def test_incomplete_auth_settings_are_a_temporary_failure(tls: TLSFiles, c
     assert "needs a password" in outcome.data_reply[1]  # type: ignore[index]
 
 
-async def test_stale_pooled_connection_is_replaced(tls: TLSFiles, config_path: Path) -> None:
+async def test_dropped_idle_session_is_not_reused(tls: TLSFiles, config_path: Path) -> None:
     async with upstream_for(tls) as up:
         write_config(config_path, {"policies": seed_policies(up.port, tls)})
         async with running_relay(config_path) as relay:
@@ -324,3 +325,116 @@ async def test_suspended_policy_defers_its_mail(tls: TLSFiles, config_path: Path
     assert "has no key password" in outcome.data_reply[1]  # type: ignore[index]
     assert other.code == 250
     assert [r.rcpt_tos for r in up.received] == [("b@elsewhere.org",)]
+
+
+async def test_421_on_a_reused_session_is_retried_on_a_fresh_one(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["a@sparkpost.com"], message())).code == 250
+            up.state.mail_replies.append("421 4.4.2 idle too long, closing")
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    assert outcome.code == 250, outcome
+    assert [r.rcpt_tos for r in up.received] == [("a@sparkpost.com",), ("b@sparkpost.com",)]
+    assert up.state.connections == 2
+
+
+async def test_421_on_a_fresh_session_is_a_temporary_failure(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        up.state.mail_replies.append("421 4.3.2 going down")
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    assert outcome.code == 451, outcome
+    assert "421 4.3.2 going down" in outcome.data_reply[1]  # type: ignore[index]
+    assert up.received == []
+
+
+async def test_unexpected_success_code_is_never_passed_on(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        up.state.rcpt_replies["odd@sparkpost.com"] = "252 2.1.5 Cannot verify, will try"
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["odd@sparkpost.com"], message())
+    assert outcome.code == 451, outcome
+    assert "upstream answered 252 to RCPT" in outcome.data_reply[1]  # type: ignore[index]
+
+
+async def test_smtputf8_address_is_relayed_when_the_upstream_offers_it(
+    tls: TLSFiles, config_path: Path
+) -> None:
+    async with upstream_for(tls, smtputf8=True) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with (
+            running_relay(config_path) as relay,
+            aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as client,
+        ):
+            await client.mail("app@example.org", options=["SMTPUTF8"])
+            await client.rcpt("jörg@sparkpost.com", encoding="utf-8")
+            response = await client.data(message())
+    assert response.code == 250
+    assert up.received[0].rcpt_tos == ("jörg@sparkpost.com",)
+
+
+async def test_smtputf8_address_is_refused_when_the_upstream_lacks_it(
+    tls: TLSFiles, config_path: Path
+) -> None:
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with (
+            running_relay(config_path) as relay,
+            aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as client,
+        ):
+            await client.mail("app@example.org", options=["SMTPUTF8"])
+            await client.rcpt("jörg@sparkpost.com", encoding="utf-8")
+            with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+                await client.data(message())
+    assert refused.value.code == 553
+    assert "5.6.7" in refused.value.message
+    assert up.received == []
+
+
+async def test_a_bug_in_the_relay_is_a_temporary_failure(
+    tls: TLSFiles, config_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import outbound_relay.delivery
+
+    async def broken(*args: object) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(outbound_relay.delivery, "_transaction", broken)
+    async with upstream_for(tls) as up:
+        write_config(config_path, {"policies": seed_policies(up.port, tls)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+            metrics = relay.metrics.render().decode()
+    assert outcome.data_reply == (451, "4.3.0 Internal error in the relay; try again later")
+    assert 'outbound_relay_messages_total{result="deferred"} 1.0' in metrics
+
+
+def test_wire_data_keeps_lone_cr_and_fixes_bare_lf() -> None:
+    from outbound_relay.delivery import _wire_data
+
+    assert _wire_data(b"From: a@b\r\r\nSubject: s\r\n\r\nbody") == (
+        b"From: a@b\r\r\nSubject: s\r\n\r\nbody\r\n.\r\n"
+    )
+    assert _wire_data(b"Subject: s\n\n.hidden\nend") == b"Subject: s\r\n\r\n..hidden\r\nend\r\n.\r\n"
+
+
+async def test_max_connections_change_applies_on_reload(tls: TLSFiles, config_path: Path) -> None:
+    async with upstream_for(tls) as up:
+        up.state.data_delay = 0.05
+        policies = seed_policies(up.port, tls)
+        policies[1]["maxConnections"] = 1
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            await asyncio.gather(*(submit(relay.port, [f"a{i}@sparkpost.com"], message()) for i in range(4)))
+            assert up.state.connections == 1
+            policies[1]["maxConnections"] = 3
+            write_config(config_path, {"policies": policies})
+            assert await relay.reload()
+            outcomes = await asyncio.gather(
+                *(submit(relay.port, [f"b{i}@sparkpost.com"], message()) for i in range(6))
+            )
+    assert [o.code for o in outcomes] == [250] * 6
+    assert up.state.connections == 3

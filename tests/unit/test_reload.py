@@ -10,7 +10,8 @@ from typing import Any
 import aiosmtplib
 import yaml
 
-from outbound_relay.delivery import Generation
+from outbound_relay.config import parse_config
+from outbound_relay.delivery import Generation, Overrides
 from outbound_relay.server import RelayServer
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, running_relay, submit, write_config
@@ -144,10 +145,10 @@ async def test_default_binding_override_survives_reload(tls: TLSFiles, config_pa
         ]
         write_config(config_path, {"policies": policies})
         server = RelayServer(
-            Generation.load(config_path, default_binding="transactional"),
+            Generation.load(config_path, Overrides(default_binding="transactional")),
             config_path=config_path,
             reload_interval=0.05,
-            default_binding="transactional",
+            overrides=Overrides(default_binding="transactional"),
         )
         await server.start()
         try:
@@ -160,3 +161,82 @@ async def test_default_binding_override_survives_reload(tls: TLSFiles, config_pa
         finally:
             await server.stop(grace_seconds=5)
     assert [r.login for r in up.received] == ["tx", "tx"]
+
+
+async def test_refused_config_is_retried_when_its_missing_file_appears(
+    tls: TLSFiles, config_path: Path
+) -> None:
+    async with AuthUpstream(tls, users={"u": "one", "v": "two"}) as up:
+        write_config(config_path, {"policies": [policy(up.port, tls, password="one")]})
+        async with running_relay(config_path) as relay:
+            old = relay.generation.digest
+            # The new config names a password file that its Secret has not delivered yet.
+            write_config(config_path, {"policies": [policy(up.port, tls, user="v", passwordFile="pw.txt")]})
+            async with asyncio.timeout(5):
+                while 'result="failure"} 1.0' not in relay.metrics.render().decode():
+                    await asyncio.sleep(0.02)
+            (config_path.parent / "pw.txt").write_text("two")
+            await wait_for_generation(relay, old)
+            assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+    assert [r.login for r in up.received] == ["v"]
+
+
+async def test_edited_lua_hook_is_reloaded(tls: TLSFiles, config_path: Path) -> None:
+    hook = config_path.parent / "auth.lua"
+
+    def set_user(user: str) -> None:
+        hook.write_text(
+            "local m = {}\nfunction m:outbound_smtp_auth_config(msg)\n"
+            f"  msg:context_set(VCTX_MESS, 'outbound_smtp_auth_user', '{user}')\nend\n"
+            'msys.registerModule("m", m)\n'
+        )
+
+    set_user("u")
+    async with AuthUpstream(tls, users={"u": "one", "v": "one"}) as up:
+        write_config(
+            config_path, {"policies": [policy(up.port, tls, password="one")], "hooks": {"lua": ["auth.lua"]}}
+        )
+        async with running_relay(config_path) as relay:
+            assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+            old = relay.generation.digest
+            set_user("v")
+            await wait_for_generation(relay, old)
+            assert (await submit(relay.port, ["b@x.org"], message())).code == 250
+    assert [r.login for r in up.received] == ["u", "v"]
+
+
+async def test_missing_config_defers_mail_until_it_appears(tls: TLSFiles, config_path: Path) -> None:
+    async with AuthUpstream(tls, users={"u": "one"}) as up:
+        server = RelayServer(
+            Generation.waiting_for(config_path), config_path=config_path, reload_interval=0.05
+        )
+        await server.start()
+        try:
+            waiting = await submit(server.port, ["a@x.org"], message())
+            old = server.generation.digest
+            write_config(
+                config_path,
+                {"listen": {"port": server.port}, "policies": [policy(up.port, tls, password="one")]},
+            )
+            await wait_for_generation(server, old)
+            delivered = await submit(server.port, ["b@x.org"], message())
+        finally:
+            await server.stop(grace_seconds=5)
+    assert waiting.data_reply is not None
+    assert waiting.data_reply[0] == 451
+    assert "has no config yet" in waiting.data_reply[1]
+    assert delivered.code == 250
+
+
+def test_overrides_beat_the_file() -> None:
+    config = parse_config({"defaultBinding": "x", "metrics": {"port": 9425}})
+    applied = Overrides(default_binding="tx", metrics_port=9500).apply(config)
+    assert (applied.default_binding, applied.metrics.port) == ("tx", 9500)
+    assert Overrides().apply(config) == config
+
+
+async def test_generation_label_does_not_expose_the_config_digest(config_path: Path) -> None:
+    write_config(config_path, {"policies": [{"name": "p", "password": "weak"}]})
+    generation = Generation.load(config_path)
+    assert generation.short_digest not in generation.digest
+    assert len(generation.short_digest) == 12
