@@ -61,6 +61,14 @@ def _add_rendering_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"wait this long after a change so a burst renders once ({defaults.debounce_seconds})",
     )
+    group.add_argument(
+        "--secret-resync",
+        type=float,
+        default=defaults.secret_resync_seconds,
+        metavar="SECONDS",
+        help="re-read every referenced Secret this often, in case a watch event was missed; 0 never "
+        f"({defaults.secret_resync_seconds:g})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +88,11 @@ async def run(args: argparse.Namespace) -> None:
     metrics = OperatorMetrics()
     metrics_server = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else None
     api_client = load_api_client()
-    controller = Controller(KubeApi(api_client), metrics, ControllerSettings(debounce_seconds=args.debounce))
+    controller = Controller(
+        KubeApi(api_client),
+        metrics,
+        ControllerSettings(debounce_seconds=args.debounce, secret_resync_seconds=args.secret_resync),
+    )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller)
     webhook_settings = webhook.settings_from_args(args)  # None unless --webhook-port is given

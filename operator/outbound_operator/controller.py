@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,11 +28,11 @@ from outbound_operator.render import (
     PolicySource,
     Rendering,
     Verdict,
+    not_written,
     render_namespace,
 )
 from outbound_operator.resources import (
     API_VERSION,
-    CONFIG_KEY,
     GROUP_KIND,
     GROUP_PLURAL,
     MANAGED_BY_LABEL,
@@ -60,9 +62,48 @@ class ControllerSettings:
     """Above this many uncached referenced Secrets, list the namespace's Secrets once instead of reading
     each (an operator start with many policies)."""
 
+    secret_resync_seconds: float = 300.0
+    """Re-read every referenced Secret this often (0: never). The watch is not enough on its own: after a
+    410 Gone relist, kopf sends no DELETED for a Secret that vanished meanwhile, so without this a deleted
+    password could stay rendered for as long as the operator runs."""
+
+
+MAX_SECRET_BYTES = 1024 * 1024
+"""The API server refuses a Secret whose values add up to more than 1 MiB."""
+
+# Logs show a digest of relay.yaml to tell versions apart, but relay.yaml holds passwords inline: a plain
+# hash would let anyone with the logs test password guesses offline. Keyed with a random per-process key,
+# the digest tells "same or different within this run" and nothing else.
+_LOG_DIGEST_KEY = secrets.token_bytes(32)
+
+
+def log_digest(data: Mapping[str, bytes]) -> str:
+    """A short digest of the rendered Secret's content for logs: HMAC-SHA256 with a per-process key."""
+    mac = hmac.new(_LOG_DIGEST_KEY, digestmod=hashlib.sha256)
+    for key in sorted(data):
+        mac.update(key.encode() + b"\0" + len(data[key]).to_bytes(8, "big") + data[key])
+    return mac.hexdigest()[:12]
+
 
 class NotManagedError(RuntimeError):
     """A Secret named outbound-relay-config exists that the operator did not create; it is left alone."""
+
+
+class SecretTooLargeError(RuntimeError):
+    """The rendered Secret would exceed the API server's 1 MiB limit."""
+
+
+def _write_failure(namespace: str, error: BaseException) -> tuple[str, str]:
+    """Reason and message of Ready=False when the rendered Secret could not be written."""
+    if isinstance(error, NotManagedError):
+        return "SecretNotManaged", str(error)
+    if isinstance(error, SecretTooLargeError):
+        return "SecretTooLarge", str(error)
+    return (
+        "SecretWriteFailed",
+        f"Secret {namespace}/{RENDERED_SECRET} could not be written ({describe_error(error)}); the one in "
+        "place is kept and the write retried",
+    )
 
 
 def describe_error(error: BaseException) -> str:
@@ -127,7 +168,19 @@ class NamespaceState:
             self.refs[policy] = names
         else:
             self.refs.pop(policy, None)
+        self._refs_changed()
+
+    def replace_refs(self, refs: Mapping[str, frozenset[str]]) -> None:
+        """All policies' references at once (a reconciliation's fresh list)."""
+        self.refs = {policy: names for policy, names in refs.items() if names}
+        self._refs_changed()
+
+    def _refs_changed(self) -> None:
         self.referenced = frozenset().union(*self.refs.values())
+        # A Secret no policy reads any more: its watch events are dropped from now on, so its cached value
+        # would go stale; forget it (it is read afresh if some policy references it again).
+        for name in [name for name in self.secrets if name not in self.referenced]:
+            del self.secrets[name]
 
 
 class Controller:
@@ -139,6 +192,29 @@ class Controller:
         self.settings = settings or ControllerSettings()
         self._states: dict[str, NamespaceState] = {}
         self._closed = False
+        self._resync: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the periodic re-read of referenced Secrets (in the running loop); close() stops it."""
+        if self.settings.secret_resync_seconds > 0 and self._resync is None and not self._closed:
+            self._resync = asyncio.get_running_loop().create_task(
+                self._resync_secrets(), name="resync referenced Secrets"
+            )
+
+    async def _resync_secrets(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.secret_resync_seconds)
+            for namespace in list(self._states):
+                self.resync(namespace)
+
+    def resync(self, namespace: str) -> None:
+        """Forget the cached referenced Secrets of `namespace` and reconcile: they are read anew, so one
+        deleted or changed without a watch event (missed across a relist) is seen."""
+        state = self._states.get(namespace)
+        if state is None or not state.referenced:
+            return
+        state.secrets.clear()
+        self.touch(namespace)
 
     def _state(self, namespace: str) -> NamespaceState:
         return self._states.setdefault(namespace, NamespaceState())
@@ -231,6 +307,10 @@ class Controller:
     async def close(self) -> None:
         self._closed = True
         tasks = []
+        if self._resync is not None:
+            self._resync.cancel()
+            tasks.append(self._resync)
+            self._resync = None
         for state in self._states.values():
             if state.retry is not None:
                 state.retry.cancel()
@@ -257,13 +337,36 @@ class Controller:
         )
         policy_bodies, group_bodies = _live(policy_bodies), _live(group_bodies)
         policies = [_policy_source(body) for body in policy_bodies]
-        state.refs = {}
-        for policy in policies:
-            state.set_refs(policy.name, frozenset(r.name for r in policy.secret_refs().values()))
+        state.replace_refs(
+            {policy.name: frozenset(r.name for r in policy.secret_refs().values()) for policy in policies}
+        )
         await self._load_secrets(namespace, state)
         values = {name: data for name, data in state.secrets.items() if data is not None}
         rendering = render_namespace(namespace, policies, map(_group_source, group_bodies), values)
-        result = await self._write_rendered(namespace, state, rendering, has_policies=bool(policies))
+        try:
+            result = await self._write_rendered(namespace, state, rendering, has_policies=bool(policies))
+        except ConflictError:
+            raise  # reconciled again at once: the statuses follow from that
+        except Exception as error:
+            # The relay keeps the Secret in place, so no object may say Ready=True for what it never got.
+            reason, message = _write_failure(namespace, error)
+            await self._write_statuses(
+                namespace,
+                state,
+                POLICY_PLURAL,
+                POLICY_KIND,
+                policy_bodies,
+                not_written(rendering.policies, reason=reason, message=message),
+            )
+            await self._write_statuses(
+                namespace,
+                state,
+                GROUP_PLURAL,
+                GROUP_KIND,
+                group_bodies,
+                not_written(rendering.groups, reason=reason, message=message),
+            )
+            raise
         await self._write_statuses(
             namespace, state, POLICY_PLURAL, POLICY_KIND, policy_bodies, rendering.policies
         )
@@ -276,14 +379,14 @@ class Controller:
         self.metrics.duration.observe(elapsed)
         ready = sum(1 for v in rendering.policies.values() if v.ready.status)
         log.info(
-            "namespace %s: %s %s (%d policies, %d ready, %d binding groups, relay.yaml %s) in %.3fs",
+            "namespace %s: %s %s (%d policies, %d ready, %d binding groups, content %s) in %.3fs",
             namespace,
             result.value,
             RENDERED_SECRET,
             len(policies),
             ready,
             len(group_bodies),
-            hashlib.sha256(rendering.data[CONFIG_KEY]).hexdigest()[:12],
+            log_digest(rendering.data),
             elapsed,
         )
         return result
@@ -312,6 +415,10 @@ class Controller:
         self, namespace: str, state: NamespaceState, rendering: Rendering, *, has_policies: bool
     ) -> ReconcileResult:
         current = await self.api.read_rendered(namespace)
+        if not has_policies and (current is None or current.labels.get(MANAGED_BY_LABEL) != MANAGER):
+            # Nothing to render, and nothing of ours to delete: a hand-written Secret of that name in a
+            # namespace without policies (a relay run by hand) is simply not our business.
+            return ReconcileResult.UNCHANGED
         if current is not None and current.labels.get(MANAGED_BY_LABEL) != MANAGER:
             raise NotManagedError(
                 f"Secret {namespace}/{RENDERED_SECRET} exists but is not labelled "
@@ -327,6 +434,12 @@ class Controller:
         state.written_digest = _content_digest(rendering.data, rendering.owners)
         if current is not None and self._same(current, rendering):
             return ReconcileResult.UNCHANGED
+        size = sum(len(value) for value in rendering.data.values())
+        if size > MAX_SECRET_BYTES:
+            raise SecretTooLargeError(
+                f"the rendered Secret {namespace}/{RENDERED_SECRET} would hold {size} bytes, more than the "
+                f"{MAX_SECRET_BYTES} the API server accepts; the one in place is kept"
+            )
         await self.api.write_rendered(
             namespace, data=rendering.data, owners=rendering.owners, labels=RENDERED_LABELS, current=current
         )

@@ -26,11 +26,12 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(id="settings", registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Our own Events (controller.py) only: kopf would post handler logs and errors as Events, and an
         # error about a Secret must never carry its data into an Event.
         settings.posting.enabled = False
         settings.posting.level = logging.CRITICAL
+        controller.start()  # the periodic re-read of referenced Secrets
 
     @kopf.on.cleanup(id="stop-rendering", registry=registry)
     async def stop(**_: Any) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ANNOTATION_INJECT: Final = "outboundrelay.io/inject"
 """Pod annotation that opts a Pod in; the value "true" (any case) injects, anything else does not."""
@@ -46,6 +46,9 @@ METRICS_PORT_NAME: Final = "relay-metrics"  # a port name has at most 15 charact
 # at admission instead of routing mail through the wrong scope.
 _BINDING = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$")
 # RFC 1123 subdomain, what the API server requires of a ConfigMap name.
+# A Kubernetes resource quantity (apimachinery's resource.Quantity): a number with an optional SI or binary
+# suffix or exponent, e.g. "50m", "0.5", "64Mi", "1e3".
+_QUANTITY = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 JsonPatch = list[dict[str, Any]]
@@ -56,15 +59,35 @@ class InjectionError(ValueError):
 
 
 class ResourceList(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Quantities by resource name: cpu, memory, and any other (ephemeral-storage, hugepages-2Mi, ...), as
+    the chart's values.schema.json allows them: strings or numbers (`cpu: 0.5`), kept as strings."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     cpu: str | None = None
-    """CPU quantity, e.g. "50m"."""
+    """CPU quantity, e.g. "50m" or 0.5."""
     memory: str | None = None
     """Memory quantity, e.g. "64Mi"."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _quantities_as_strings(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value  # pydantic says what is wrong
+        result: dict[str, str] = {}
+        for key, quantity in value.items():
+            if quantity is None:
+                continue
+            if isinstance(quantity, bool) or not isinstance(quantity, str | int | float):
+                raise ValueError(f"{key}: a quantity is a string or a number, not {quantity!r}")
+            text = f"{quantity:g}" if isinstance(quantity, float) else str(quantity).strip()
+            if not _QUANTITY.match(text):
+                raise ValueError(f"{key}: {quantity!r} is not a Kubernetes quantity")
+            result[str(key)] = text
+        return result
+
     def as_dict(self) -> dict[str, str]:
-        return self.model_dump(exclude_none=True)
+        return {key: str(value) for key, value in self.model_dump(exclude_none=True).items()}
 
 
 class Resources(BaseModel):
@@ -72,8 +95,10 @@ class Resources(BaseModel):
 
     requests: ResourceList = ResourceList(cpu="20m", memory="64Mi")
     """What the scheduler reserves for the sidecar; default 20m CPU, 64Mi memory."""
-    limits: ResourceList = ResourceList(memory="256Mi")
-    """Hard caps; default 256Mi memory and no CPU limit (throttling a relay only delays mail)."""
+    limits: ResourceList = ResourceList(cpu="1", memory="256Mi")
+    """Hard caps; default 1 CPU and 256Mi memory. A CPU limit, although throttling only delays mail: a
+    namespace whose ResourceQuota covers limits.cpu refuses any container without one, and a LimitRange's
+    defaults are applied before the webhook adds the sidecar, so they never reach it."""
 
 
 class InjectionSettings(BaseModel):
@@ -94,7 +119,7 @@ class InjectionSettings(BaseModel):
     run_as_group: int = Field(default=65532, alias="runAsGroup", ge=1)
     """GID of the relay process."""
     metrics_port: int = Field(default=9425, alias="metricsPort", ge=1, le=65535)
-    """Port of the relay's /metrics; must match `metrics.port` of relay.yaml (9425 by contract)."""
+    """Port of the relay's /metrics, passed as `serve --metrics-port` (it overrides relay.yaml's)."""
     config_secret: str = Field(default="outbound-relay-config", alias="configSecret", min_length=1)
     """The Secret the operator renders in each namespace (key relay.yaml)."""
     hooks_config_map: str | None = Field(default=None, alias="hooksConfigMap")
@@ -145,6 +170,12 @@ def sidecar_container(settings: InjectionSettings, *, binding: str | None = None
         settings.log_level,
         "--shutdown-timeout",
         f"{settings.shutdown_timeout_seconds:g}",
+        # The port the probes and Prometheus use, whatever relay.yaml says (the operator renders none).
+        "--metrics-port",
+        str(settings.metrics_port),
+        # A namespace with no rendered Secret yet (labelled before its first policy, or after the last was
+        # deleted): the relay starts, defers all mail with 451 4.3.5 and loads the config once it appears.
+        "--allow-missing-config",
     ]
     if binding is not None:
         args += ["--default-binding", binding]
@@ -189,9 +220,13 @@ def sidecar_container(settings: InjectionSettings, *, binding: str | None = None
 
 
 def config_volume(settings: InjectionSettings, *, hooks: str | None = None) -> dict[str, Any]:
-    """One projected volume: the rendered Secret (required: the Pod waits until the operator has written
-    it) and the hooks ConfigMap (optional). A nested mount inside a read-only Secret volume would fail."""
-    sources: list[dict[str, Any]] = [{"secret": {"name": settings.config_secret}}]
+    """One projected volume: the rendered Secret and the hooks ConfigMap. A nested mount inside a read-only
+    Secret volume would fail.
+
+    Both are optional: a Pod of a namespace with no policy yet (so no rendered Secret) starts anyway, its
+    relay answers every transaction `451 4.3.5` (the app retries) until the kubelet projects the Secret,
+    then loads it; a required Secret would hold the Pod in ContainerCreating instead."""
+    sources: list[dict[str, Any]] = [{"secret": {"name": settings.config_secret, "optional": True}}]
     if hooks is not None:
         sources.append({"configMap": {"name": hooks, "optional": True}})
     return {"name": VOLUME_NAME, "projected": {"sources": sources}}

@@ -62,14 +62,17 @@ class KubeApi:
         self.custom = client.CustomObjectsApi(api)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
 
-    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call in a thread; the JSON body of the response, or None for 404."""
+    async def _call(
+        self, method: Callable[..., Any], *args: Any, missing_ok: bool = True, **kwargs: Any
+    ) -> Any:
+        """Call in a thread; the JSON body of the response, or None for 404 (`missing_ok`; else it raises:
+        a list that 404s means the resource type itself is unknown, never "there are none")."""
 
         def call() -> Any:
             try:
                 response = method(*args, _preload_content=False, **kwargs)
             except ApiException as error:
-                if error.status == 404:
+                if error.status == 404 and missing_ok:
                     return None
                 if error.status == 409:
                     raise ConflictError(f"{error.status} {error.reason}") from None
@@ -80,16 +83,20 @@ class KubeApi:
             return await asyncio.to_thread(call)
 
     async def list_custom(self, namespace: str, plural: str) -> list[dict[str, Any]]:
-        found = await self._call(self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural)
-        return list((found or {}).get("items") or [])
+        """Every object of `plural` in `namespace`. A 404 (the CRD is not installed, or being uninstalled)
+        raises ApiException: taken for "no policies", it would delete every rendered Secret."""
+        found = await self._call(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, plural, missing_ok=False
+        )
+        return list(found.get("items") or [])
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
         found: dict[str, Any] | None = await self._call(self.core.read_namespaced_secret, name, namespace)
         return found
 
     async def list_secrets(self, namespace: str) -> list[dict[str, Any]]:
-        found = await self._call(self.core.list_namespaced_secret, namespace)
-        return list((found or {}).get("items") or [])
+        found = await self._call(self.core.list_namespaced_secret, namespace, missing_ok=False)
+        return list(found.get("items") or [])
 
     async def read_rendered(self, namespace: str) -> RenderedSecret | None:
         body = await self.read_secret(namespace, RENDERED_SECRET)

@@ -13,8 +13,9 @@ Rules (docs/operator.md):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -188,11 +189,21 @@ def make_verdict(
     return Verdict(generation=generation, conditions=tuple(conditions), resolved_scope=resolved_scope)
 
 
+def not_written(verdicts: Mapping[str, Verdict], *, reason: str, message: str) -> dict[str, Verdict]:
+    """The verdicts as they stand when the rendered Secret could not be written: Ready is False with
+    `reason` for every object (the relay still has the old config), the other conditions as rendered."""
+    result = {}
+    for name, verdict in verdicts.items():
+        ready = Condition(type=ConditionType.READY, status=False, reason=reason, message=message)
+        result[name] = replace(verdict, conditions=(ready, *verdict.conditions[1:]))
+    return result
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rendering:
     """The rendered Secret's content and owners, and a verdict for every policy and binding group."""
 
-    data: dict[str, bytes]  # Secret keys: relay.yaml and ca-<policy>.pem, sorted
+    data: dict[str, bytes]  # Secret keys: relay.yaml and ca-<sha256 prefix>.pem (one per CA), sorted
     owners: tuple[dict[str, Any], ...]  # ownerReferences: every policy of the namespace
     policies: dict[str, Verdict]  # by object name
     groups: dict[str, Verdict]
@@ -219,11 +230,13 @@ def _secret_value(
 
 
 def _text(namespace: str, ref: SecretKeyRef, raw: bytes) -> tuple[str | None, Problem | None]:
-    """A user or password from a Secret; a trailing newline is dropped, as the relay does with
-    passwordFile (`kubectl create secret --from-file` keeps the file's newline)."""
+    """A user or password from a Secret; one trailing newline ("\n" or "\r\n") is dropped, as the relay
+    does with passwordFile (`kubectl create secret --from-file` keeps the file's newline); any other
+    whitespace is part of the value."""
     where = f"Secret {namespace}/{ref.name} key {ref.key!r}"
     try:
-        text = raw.decode("utf-8").rstrip("\r\n")
+        text = raw.decode("utf-8")
+        text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
     except UnicodeDecodeError:
         return None, Problem(
             type=ConditionType.INVALID, reason="InvalidSecretValue", message=f"{where} is not UTF-8"
@@ -235,9 +248,11 @@ def _text(namespace: str, ref: SecretKeyRef, raw: bytes) -> tuple[str | None, Pr
     return text, None
 
 
-def ca_key(policy_name: str) -> str:
-    """The rendered Secret's key for a policy's CA bundle; relay.yaml names it relative to itself."""
-    return f"ca-{policy_name}.pem"
+def ca_key(pem: bytes) -> str:
+    """The rendered Secret's key for a CA bundle; relay.yaml names it relative to itself. Keyed by content
+    (a CA certificate is public), so policies that share a CA share one copy: the Secret's 1 MiB limit
+    would otherwise be reached with a few dozen policies of one big bundle."""
+    return f"ca-{hashlib.sha256(pem).hexdigest()[:16]}.pem"
 
 
 @dataclass
@@ -296,7 +311,7 @@ def _settings(
                     )
                 )
             else:
-                key = ca_key(source.name)
+                key = ca_key(raw)
                 files[key] = raw
                 rendered_tls["caFile"] = key
         settings["tls"] = rendered_tls

@@ -133,6 +133,20 @@ def _describe(review: Mapping[str, Any]) -> str:
     return f"{request.get('namespace', '')}/{name}"
 
 
+class WebhookUnhealthyError(RuntimeError):
+    """The webhook cannot serve, or will not be able to (its certificate upkeep died)."""
+
+
+def _upkeep_ended(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    log.error(
+        "webhook certificate upkeep stopped (%s); liveness fails from now on",
+        f"{type(error).__name__}: {error}" if error else "returned",
+    )
+
+
 class WebhookServer:
     """The HTTPS server: POST /mutate-pods (AdmissionReview), GET /healthz."""
 
@@ -147,6 +161,18 @@ class WebhookServer:
         self._handlers: set[web.RequestHandler] = set()
         self.port: int | None = None
         self.certificates: SelfManagedCertificates | FileCertificates | None = None
+        self.upkeep: asyncio.Task[None] | None = None
+        """The certificate upkeep task (serve() starts it): it must run as long as the server does."""
+
+    def health(self) -> dict[str, Any]:
+        """For the operator's liveness probe (register()); raises WebhookUnhealthyError when the server no
+        longer listens or the certificate upkeep has stopped (the certificate would expire unrenewed, or
+        cert-manager's renewals never be loaded): a restart is the cure."""
+        if self._listener is None or not self._listener.is_serving():
+            raise WebhookUnhealthyError("the webhook's HTTPS server is not listening")
+        if self.upkeep is not None and self.upkeep.done():
+            raise WebhookUnhealthyError("the webhook's certificate upkeep has stopped")
+        return {"reviews": self.reviews, "injected": self.injected}
 
     async def _mutate(self, request: web.Request) -> web.Response:
         try:
@@ -239,6 +265,8 @@ async def serve(
     server.certificates = certificates
     await server.start()
     upkeep = asyncio.create_task(certificates.run(), name="outbound-relay webhook certificates")
+    upkeep.add_done_callback(_upkeep_ended)
+    server.upkeep = upkeep
     try:
         yield server
     finally:
@@ -258,13 +286,25 @@ def register(
     begins), stopped by an on.cleanup handler. `api` patches the caBundle (default: in-cluster config,
     else $KUBECONFIG)."""
     stack = contextlib.AsyncExitStack()
+    running: list[WebhookServer] = []
 
     @kopf.on.startup(registry=registry)
     async def start_outbound_relay_webhook(**_: Any) -> None:
-        await stack.enter_async_context(serve(settings, api))
+        running.append(await stack.enter_async_context(serve(settings, api)))
+
+    @kopf.on.probe(id="webhook", registry=registry)
+    def outbound_relay_webhook_health(**_: Any) -> dict[str, Any]:
+        """Part of the operator's /healthz: a webhook that stopped serving (or renewing) fails liveness."""
+        if not running:
+            return {"starting": True}
+        try:
+            return running[-1].health()
+        except WebhookUnhealthyError as error:
+            raise kopf.PermanentError(str(error)) from None
 
     @kopf.on.cleanup(registry=registry)
     async def stop_outbound_relay_webhook(**_: Any) -> None:
+        running.clear()
         await stack.aclose()
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime
 import ipaddress
 import logging
@@ -147,14 +146,21 @@ def generate_certificates(
 def load_certificate(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
     """Make `context` serve this certificate from its next handshake on (connections open keep theirs).
 
+    The pair is first loaded into a scratch context: a certificate and key that do not match, or either
+    unreadable, raise (ssl.SSLError, ValueError or OSError) with the live context untouched. Loaded
+    straight into the live one, OpenSSL would take the new certificate, drop the old key on the mismatch,
+    and leave the server keyless: every handshake failing until the next good pair.
+
     The ssl module reads keys from files only: they pass through a private directory (0700, on the
     tmpfs the chart mounts at /tmp) and are deleted at once."""
+    x509.load_pem_x509_certificate(cert_pem)  # ValueError for what is no certificate at all
     with tempfile.TemporaryDirectory(prefix="outbound-webhook-") as directory:
         cert_file, key_file = Path(directory, "tls.crt"), Path(directory, "tls.key")
         cert_file.write_bytes(cert_pem)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(key_pem)
+        server_context().load_cert_chain(cert_file, key_file)  # raises before the live context is touched
         context.load_cert_chain(cert_file, key_file)
 
 
@@ -226,6 +232,8 @@ class SelfManagedCertificates:
             b""  # the caBundle we publish: the current CA, plus the previous during a rotation
         )
         self.rotations = 0
+        self.errors = 0
+        """Checks that failed with an unexpected error (logged, then retried)."""
 
     def _issue(self) -> CertificatePair:
         return generate_certificates(self.dns_names, self.ip_addresses, self.rotation.validity)
@@ -270,18 +278,27 @@ class SelfManagedCertificates:
         log.info("webhook serving certificate rotated, valid until %s", fresh.not_after.isoformat())
 
     async def run(self) -> None:
-        """Forever: rotate when due, otherwise re-assert the caBundle; cancel to stop."""
+        """Forever: rotate when due, otherwise re-assert the caBundle; cancel to stop. An unexpected error
+        in one check is logged and the next check tries again: the task never ends on its own."""
         while True:
             await asyncio.sleep(self.rotation.check_interval)
-            if self.due():
-                await self.rotate()
-            elif self._trusted != (self.current.ca_pem if self.current else b""):
-                # After a rotation: the old CA has served its purpose, drop it from the bundle.
-                assert self.current is not None
-                self._trusted = self.current.ca_pem
-                await self._publish()
-            else:
-                await self._publish()
+            try:
+                await self.check()
+            except Exception as error:
+                self.errors += 1
+                log.error("webhook certificate check failed (%s); retrying at the next check", _brief(error))
+
+    async def check(self) -> None:
+        """One check: rotate when due, else keep the caBundle as it should be."""
+        if self.due():
+            await self.rotate()
+        elif self._trusted != (self.current.ca_pem if self.current else b""):
+            # After a rotation: the old CA has served its purpose, drop it from the bundle.
+            assert self.current is not None
+            self._trusted = self.current.ca_pem
+            await self._publish()
+        else:
+            await self._publish()
 
 
 class FileCertificates:
@@ -292,6 +309,9 @@ class FileCertificates:
         self.directory = directory
         self.check_interval = check_interval
         self._loaded: tuple[bytes, bytes] | None = None
+        self._refused: tuple[bytes, bytes] | None = None
+        self.errors = 0
+        """Pairs refused or checks failed (logged; the pair in service stays)."""
 
     async def start(self) -> None:
         if not self._reload():
@@ -307,7 +327,9 @@ class FileCertificates:
             )
         except OSError:
             return False
-        if pair != self._loaded:
+        if pair not in (self._loaded, self._refused):
+            # Validated as a pair in a scratch context first: a half-written pair (tls.crt renewed, tls.key
+            # not yet) raises here and the pair in service stays; the next check sees the whole one.
             load_certificate(self.context, *pair)
             self._loaded = pair
             log.info(
@@ -318,7 +340,23 @@ class FileCertificates:
         return True
 
     async def run(self) -> None:
+        """Forever: reload the files when they change; cancel to stop. A pair that does not load is logged
+        (once) and kept out; the task never ends on its own."""
         while True:
             await asyncio.sleep(self.check_interval)
-            with contextlib.suppress(ssl.SSLError, ValueError):  # a half-written pair: next check
+            try:
                 self._reload()
+            except Exception as error:
+                self.errors += 1
+                try:
+                    self._refused = (
+                        self.directory.joinpath("tls.crt").read_bytes(),
+                        self.directory.joinpath("tls.key").read_bytes(),
+                    )
+                except OSError:
+                    self._refused = None
+                log.warning(
+                    "webhook certificate in %s not loaded (%s); still serving the previous one",
+                    self.directory,
+                    _brief(error),
+                )

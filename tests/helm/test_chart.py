@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client
 
 from outbound_operator import cli, webhook
+from outbound_operator.injection import ANNOTATION_INJECT, inject
 from tests.cluster.controlplane import ControlPlane
 from tests.helm.chart import CHART, CRDS, find, helm, objects, read_json, release_name, template, values_file
 
@@ -38,6 +39,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
             },
             "hooksConfigMap": "mail-hooks",
             "logLevel": "debug",
+        }
+    },
+    # Everything values.schema.json allows for resources: numbers, and quantity keys besides cpu/memory.
+    "relay-numeric-resources": {
+        "relay": {
+            "metricsPort": 9525,
+            "resources": {
+                "requests": {"cpu": 0.05, "memory": "32Mi", "ephemeral-storage": "10Mi"},
+                "limits": {"cpu": 1, "memory": 268435456, "ephemeral-storage": "100Mi"},
+            },
         }
     },
 }
@@ -114,13 +125,22 @@ def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "variant", ["defaults", "watch-namespaces", "webhook-url", "relay-settings", "cert-manager"]
+    "variant",
+    [
+        "defaults",
+        "watch-namespaces",
+        "webhook-url",
+        "relay-settings",
+        "relay-numeric-resources",
+        "cert-manager",
+    ],
 )
 def test_operator_accepts_what_the_chart_passes(
-    control_plane: ControlPlane, tmp_path: Path, variant: str
+    control_plane: ControlPlane, namespace: str, tmp_path: Path, variant: str
 ) -> None:
-    """The Deployment's args parse with outbound-operator's own parser (plus the webhook's options), and
-    the sidecar.yaml of the chart's ConfigMap loads into the webhook's InjectionSettings."""
+    """The Deployment's args parse with outbound-operator's own parser (plus the webhook's options), the
+    sidecar.yaml of the chart's ConfigMap loads into the webhook's InjectionSettings, and a Pod injected
+    with those settings is accepted by the API server."""
     values = _with_namespace({**VARIANTS, **CRD_DEPENDENT}[variant], "mail")
     docs = objects(template(control_plane, tmp_path, values))
     (deployment,) = find(docs, "Deployment")
@@ -147,8 +167,36 @@ def test_operator_accepts_what_the_chart_passes(
         assert settings.injection.log_level == "debug"
     else:
         assert settings.injection.image == "ghcr.io/outbound-relay/outbound-relay:0.1.0"
+    if variant == "relay-numeric-resources":
+        assert settings.injection.metrics_port == 9525
+        assert settings.injection.resources.requests.as_dict() == {
+            "cpu": "0.05",
+            "memory": "32Mi",
+            "ephemeral-storage": "10Mi",
+        }
+        assert settings.injection.resources.limits.as_dict() == {
+            "cpu": "1",
+            "memory": "268435456",
+            "ephemeral-storage": "100Mi",
+        }
     if variant == "webhook-url":
         assert settings.extra_ip_addresses == ("127.0.0.1",)
+    pod = inject(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "mailer", "annotations": {ANNOTATION_INJECT: "true"}},
+            "spec": {"containers": [{"name": "app", "image": "busybox:1.37"}]},
+        },
+        settings.injection,
+    )
+    # A resource name or quantity the API server does not take would fail every injected Pod.
+    out = control_plane.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-", input=json.dumps(pod)
+    )
+    (sidecar,) = [c for c in json.loads(out)["spec"]["initContainers"] if c["name"] == "outbound-relay"]
+    assert sidecar["resources"]["limits"].keys() == settings.injection.resources.limits.as_dict().keys()
+    assert sidecar["ports"][0]["containerPort"] == settings.injection.metrics_port
     if variant.startswith("cert-manager"):
         assert settings.cert_dir == Path("/etc/outbound-operator/tls")
 
@@ -314,3 +362,114 @@ def test_watch_namespaces_confine_secret_access(
         helm(control_plane, "uninstall", release, "--namespace", namespace, "--wait")
     finally:
         core.delete_namespace(watched)
+
+
+def _names(docs: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    return {(d["kind"], d["metadata"]["name"]): d["metadata"].get("namespace", "") for d in docs}
+
+
+def test_long_names_are_cut_consistently_and_stay_distinct(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    """A 53-character release name (helm's limit) makes the full name 68 characters: every name is cut to
+    63 with a hash suffix, the operator's args name the objects as they are, two namespaces' cluster-scoped
+    objects do not collide, and the API server takes it all."""
+    release = "r" * 45 + "-" + "x" * 7
+    values: dict[str, Any] = {"webhook": {"certManager": {"enabled": True}}}
+    docs = objects(template(control_plane, tmp_path, values, release=release, namespace=namespace))
+    for doc in docs:
+        assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+    (deployment,) = find(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    names = _names(docs)
+    service = next(a.split("=", 1)[1] for a in args if a.startswith("--webhook-service="))
+    configuration = next(a.split("=", 1)[1] for a in args if a.startswith("--webhook-configuration="))
+    assert ("Service", service) in names
+    assert ("MutatingWebhookConfiguration", configuration) in names
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert ("ConfigMap", volumes["sidecar"]["configMap"]["name"]) in names
+    assert ("Certificate", service) in names  # cert-manager.io/inject-ca-from names it
+    certificate = next(d for d in find(docs, "Certificate") if d["metadata"]["name"] == service)
+    assert certificate["spec"]["secretName"] == volumes["webhook-tls"]["secret"]["secretName"]
+    assert len({name for kind, name in names if kind == "Service"}) == len(find(docs, "Service"))
+    # The same release in another namespace: no cluster-scoped name in common.
+    other = objects(template(control_plane, tmp_path, values, release=release, namespace=f"{namespace}-b"))
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration"}
+    mine = {(k, n) for (k, n) in names if k in cluster_scoped}
+    assert mine and not mine & {(k, n) for (k, n) in _names(other) if k in cluster_scoped}
+    # Without the cert-manager objects (no CRDs here), what the API server says of the rest.
+    plain = template(control_plane, tmp_path, release=release, namespace=namespace)
+    control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=plain)
+
+
+def test_cert_manager_mode_issues_from_a_ca_of_its_own(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """selfSigned Issuer -> CA Certificate -> CA Issuer -> serving Certificate: the caBundle (the CA) then
+    survives the serving certificate's renewals. Issued by the selfSigned Issuer directly, the serving
+    certificate would be its own CA, and each renewal would break TLS until everything reloads."""
+    docs = objects(template(control_plane, tmp_path, CRD_DEPENDENT["cert-manager"]))
+    issuers = {d["metadata"]["name"]: d for d in find(docs, "Issuer")}
+    certificates = {d["metadata"]["name"]: d for d in find(docs, "Certificate")}
+    (configuration,) = find(docs, "MutatingWebhookConfiguration")
+    injected_from = configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].split("/")[1]
+    serving = certificates[injected_from]
+    assert serving["spec"].get("isCA") is not True
+    ca_issuer = issuers[serving["spec"]["issuerRef"]["name"]]
+    assert "selfSigned" not in ca_issuer["spec"]
+    ca_certificate = next(
+        c for c in certificates.values() if c["spec"]["secretName"] == ca_issuer["spec"]["ca"]["secretName"]
+    )
+    assert ca_certificate["spec"]["isCA"] is True
+    assert ca_certificate["spec"]["duration"] == "87600h"
+    assert issuers[ca_certificate["spec"]["issuerRef"]["name"]]["spec"] == {"selfSigned": {}}
+    # With an issuer of the user's own, the chart makes none.
+    docs = objects(template(control_plane, tmp_path, CRD_DEPENDENT["cert-manager-issuer"]))
+    assert not find(docs, "Issuer")
+    (serving,) = find(docs, "Certificate")
+    assert serving["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+
+
+def test_default_sidecar_fits_a_namespace_with_a_cpu_limit_quota(
+    control_plane: ControlPlane, namespace: str, tmp_path: Path
+) -> None:
+    """A ResourceQuota on limits.cpu makes the API server refuse any container without a CPU limit; a
+    LimitRange's defaults are applied before the webhook runs, so they never reach the sidecar. With the
+    chart's defaults, an injected Pod (whose app sets its own limits) is accepted there."""
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "limits", "namespace": namespace},
+        "spec": {"hard": {"limits.cpu": "8", "limits.memory": "8Gi"}},
+    }
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(quota))
+    docs = objects(template(control_plane, tmp_path))
+    (sidecar_config,) = find(docs, "ConfigMap", "-sidecar")
+    sidecar_file = tmp_path / "sidecar.yaml"
+    sidecar_file.write_text(sidecar_config["data"]["sidecar.yaml"])
+    settings = webhook.parse_settings(["--webhook-port=9443", f"--webhook-sidecar-config={sidecar_file}"])
+    assert settings is not None
+    app = {"name": "app", "image": "busybox:1.37", "resources": {"limits": {"cpu": "1", "memory": "64Mi"}}}
+    pod = inject(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "mailer", "annotations": {ANNOTATION_INJECT: "true"}},
+            "spec": {"containers": [app]},
+        },
+        settings.injection,
+    )
+    with control_plane.api_client() as api:
+        core = client.CoreV1Api(api)
+        for _ in range(100):  # the quota controller fills in status.hard shortly after creation
+            quota_now = read_json(core.read_namespaced_resource_quota, "limits", namespace)
+            if quota_now.get("status", {}).get("hard"):
+                break
+            time.sleep(0.1)
+    control_plane.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    without = json.loads(json.dumps(pod))
+    sidecar = without["spec"]["initContainers"][0]
+    del sidecar["resources"]["limits"]["cpu"]
+    with pytest.raises(RuntimeError, match=r"must specify limits\.cpu"):
+        control_plane.kubectl(
+            "create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(without)
+        )

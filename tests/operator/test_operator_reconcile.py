@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from typing import Any
 
@@ -217,3 +219,24 @@ def test_foreign_secret_of_that_name_is_left_alone(objects: Objects, start_opera
     wait_for(lambda: operator.metric("outbound_operator_reconcile_total", result="error") >= 1)
     assert objects.rendered_data() == {"relay.yaml": b"policies: []\n"}
     assert "is not labelled app.kubernetes.io/managed-by=outbound-operator" in operator.logs()
+
+
+def test_logs_carry_no_plain_hash_of_the_config(objects: Objects, start_operator: StartOperator) -> None:
+    """relay.yaml holds passwords inline: a plain hash of it in the logs lets anyone who reads them test
+    password guesses offline. The log shows a keyed digest, different in each operator process."""
+    objects.put_secret("a", {"password": "guessable"})
+    objects.apply_policy("global", spec(None, "a"))
+    first = start_operator()
+    objects.wait_condition("global", "Ready", "True")
+    data = objects.rendered_data()
+    logs = first.logs()
+    shown = re.findall(r"content ([0-9a-f]{12})\)", logs)
+    assert shown, "the reconcile log line shows a content digest"
+    for value in (data["relay.yaml"], b"guessable"):
+        for digest in (hashlib.sha256(value).hexdigest(), hashlib.sha1(value).hexdigest()):  # noqa: S324
+            assert digest[:12] not in logs
+    first.stop()
+    second = start_operator()
+    wait_for(lambda: second.metric("outbound_operator_reconcile_total", result="unchanged") >= 1)
+    again = re.findall(r"content ([0-9a-f]{12})\)", second.logs()[len(logs) :])
+    assert again and again[-1] != shown[-1]  # keyed per process: not a stable fingerprint of the content

@@ -16,6 +16,7 @@ from outbound_operator.render import (
     ConditionType,
     PolicySource,
     Verdict,
+    ca_key,
     render_namespace,
 )
 from outbound_operator.status import readiness_event, status_of, status_patch
@@ -158,6 +159,17 @@ def test_user_from_secret_and_trailing_newline_dropped() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(b"pw\n", "pw"), (b"pw\r\n", "pw"), (b"pw\n\n", "pw\n"), (b"pw\r\n\r\n", "pw\r\n"), (b"pw \n", "pw ")],
+)
+def test_exactly_one_trailing_newline_is_dropped(raw: bytes, expected: str) -> None:
+    """docs/operator.md: one trailing newline goes (a file's); a password may end in more line breaks."""
+    p = policy("p")
+    rendering = render_namespace(NS, [p], [], {"p-smtp": {"password": raw}})
+    assert by_name(rendering.data)["mail/p"]["password"] == expected
+
+
 def test_secret_value_that_is_not_text_is_invalid() -> None:
     p = policy("p")
     rendering = render_namespace(NS, [p], [], {"p-smtp": {"password": b"\xff\xfe"}})
@@ -214,19 +226,37 @@ def test_ca_bundle_is_a_key_beside_relay_yaml(tmp_path: Path) -> None:
     p = policy("p", tls={"mode": "implicit", "verify": True, "caSecretRef": {"name": "ca", "key": "ca.crt"}})
     secrets = {**secrets_for(p), "ca": {"ca.crt": tls.ca_file.read_bytes()}}
     rendering = render_namespace(NS, [p], [], secrets)
-    assert sorted(rendering.data) == ["ca-p.pem", "relay.yaml"]
-    assert by_name(rendering.data)["mail/p"]["tls"] == {
-        "mode": "implicit",
-        "verify": True,
-        "caFile": "ca-p.pem",
-    }
+    key = ca_key(tls.ca_file.read_bytes())
+    assert sorted(rendering.data) == [key, "relay.yaml"]
+    assert by_name(rendering.data)["mail/p"]["tls"] == {"mode": "implicit", "verify": True, "caFile": key}
     mount = tmp_path / "mount"
     mount.mkdir()
-    for key, value in rendering.data.items():
-        (mount / key).write_bytes(value)
+    for name, value in rendering.data.items():
+        (mount / name).write_bytes(value)
     config = load_config(mount / "relay.yaml")
     tls_settings = config.policies[0].tls
-    assert tls_settings is not None and tls_settings.ca_file == mount / "ca-p.pem"
+    assert tls_settings is not None and tls_settings.ca_file == mount / key
+
+
+def test_a_ca_shared_by_many_policies_is_stored_once(tmp_path: Path) -> None:
+    """Each policy's copy of one 20 KiB bundle: 60 policies would pass the Secret's 1 MiB limit."""
+    ca = make_tls_files(tmp_path / "tls").ca_file.read_bytes()
+    bundle = ca * (20 * 1024 // len(ca) + 1)
+    other = make_tls_files(tmp_path / "tls2").ca_file.read_bytes()
+    ref = {"name": "ca", "key": "bundle.crt"}
+    policies = [
+        policy(f"p{i:02d}", scope={"domain": f"d{i}.example"}, tls={"caSecretRef": ref}) for i in range(60)
+    ]
+    policies.append(
+        policy("q", scope={"domain": "q.example"}, tls={"caSecretRef": {"name": "ca", "key": "q"}})
+    )
+    secrets = {**secrets_for(*policies), "ca": {"bundle.crt": bundle, "q": other}}
+    rendering = render_namespace(NS, policies, [], secrets)
+    assert sorted(rendering.data) == sorted([ca_key(bundle), ca_key(other), "relay.yaml"])
+    assert sum(len(v) for v in rendering.data.values()) < 1024 * 1024
+    rendered = by_name(rendering.data)
+    assert {rendered[f"mail/p{i:02d}"]["tls"]["caFile"] for i in range(60)} == {ca_key(bundle)}
+    assert rendered["mail/q"]["tls"]["caFile"] == ca_key(other)
 
 
 def test_ca_secret_without_a_certificate_is_invalid() -> None:

@@ -83,7 +83,12 @@ def test_native_sidecar_with_the_rendered_config() -> None:
     ]
     assert TOKEN_DIR in [m["mountPath"] for m in sidecar["volumeMounts"]]
     (volume,) = [v for v in result["spec"]["volumes"] if v["name"] == VOLUME_NAME]
-    assert volume["projected"]["sources"] == [{"secret": {"name": "outbound-relay-config"}}]
+    # Optional: a namespace with no rendered Secret yet must not hold the Pod in ContainerCreating; the
+    # relay starts without it (--allow-missing-config) and defers mail until it appears.
+    assert volume["projected"]["sources"] == [{"secret": {"name": "outbound-relay-config", "optional": True}}]
+    assert "--allow-missing-config" in sidecar["args"]
+    # The probes' port is the relay's metrics port whatever relay.yaml says.
+    assert sidecar["args"][sidecar["args"].index("--metrics-port") + 1] == "9425"
     # The app's container and the input are untouched.
     assert result["spec"]["containers"] == original["spec"]["containers"]
     assert original == pod(OPTED_IN)
@@ -108,6 +113,34 @@ def test_resources_and_image_come_from_the_settings() -> None:
     assert sidecar["image"] == "registry.example/relay:2"
     assert sidecar["resources"] == {"requests": {"cpu": "5m", "memory": "16Mi"}, "limits": {"cpu": "1"}}
     assert sidecar["args"][sidecar["args"].index("--log-level") + 1] == "debug"
+
+
+def test_metrics_port_setting_reaches_the_relay_and_the_probes() -> None:
+    sidecar = sidecar_of(inject(pod(OPTED_IN), InjectionSettings(metrics_port=9525)))
+    assert sidecar["args"][sidecar["args"].index("--metrics-port") + 1] == "9525"
+    assert sidecar["ports"][0]["containerPort"] == 9525
+    assert sidecar["startupProbe"]["httpGet"]["port"] == sidecar["ports"][0]["name"]
+
+
+def test_resources_take_every_quantity_the_chart_schema_allows(tmp_path: Path) -> None:
+    """values.schema.json allows numbers and any quantity key: sidecar.yaml with them must load (an error
+    here is an operator crash-loop at start), and reach the container as strings."""
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "resources:\n"
+        "  requests: {cpu: 0.5, memory: 64Mi, ephemeral-storage: 10Mi}\n"
+        "  limits: {cpu: 2, memory: 268435456, ephemeral-storage: 1Gi, hugepages-2Mi: 0}\n"
+    )
+    settings = InjectionSettings.load(path)
+    sidecar = sidecar_of(inject(pod(OPTED_IN), settings))
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "0.5", "memory": "64Mi", "ephemeral-storage": "10Mi"},
+        "limits": {"cpu": "2", "memory": "268435456", "ephemeral-storage": "1Gi", "hugepages-2Mi": "0"},
+    }
+    for bad in ("{cpu: lots}", "{cpu: true}", "{cpu: [1]}"):
+        path.write_text(f"resources: {{limits: {bad}}}\n")
+        with pytest.raises(ValueError, match=r"sidecar\.yaml: resources\.limits"):
+            InjectionSettings.load(path)
 
 
 def test_binding_annotation_becomes_the_default_binding() -> None:

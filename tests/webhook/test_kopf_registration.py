@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import urllib.request
 from typing import Any
 
 import kopf
@@ -12,7 +14,7 @@ from kubernetes import client
 
 from outbound_operator import webhook as webhook_module
 from tests.cluster.controlplane import ControlPlane
-from tests.webhook.conftest import Registration, create_pod, make_pod, wait_for
+from tests.webhook.conftest import Registration, create_pod, free_port, make_pod, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -32,6 +34,7 @@ def test_register_runs_the_webhook_with_the_operator(
         return kopf.login_with_kubeconfig(**kwargs)
 
     api = control_plane.api_client()
+    health_port = free_port()
     webhook_module.register(registration.settings, registry, api=api)
     stop = threading.Event()
     done = threading.Event()
@@ -46,7 +49,11 @@ def test_register_runs_the_webhook_with_the_operator(
 
             watcher = asyncio.create_task(watch_stop())
             await kopf.operator(
-                registry=registry, standalone=True, namespaces=[namespace], stop_flag=stop_flag
+                registry=registry,
+                standalone=True,
+                namespaces=[namespace],
+                stop_flag=stop_flag,
+                liveness_endpoint=f"http://127.0.0.1:{health_port}/healthz",
             )
             await watcher
             # kopf closes its API connections as it stops; the TLS close of each needs a few more turns
@@ -66,6 +73,10 @@ def test_register_runs_the_webhook_with_the_operator(
         registration.wait_until_injecting(namespace)
         stored = create_pod(k8s_client, namespace, make_pod("via-kopf", {"outboundrelay.io/inject": "true"}))
         assert [c["name"] for c in stored["spec"]["initContainers"]] == ["outbound-relay"]
+        # The operator's liveness endpoint covers the webhook too (it fails when the webhook stops serving).
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=5) as response:
+            health = json.loads(response.read())
+        assert "reviews" in health["webhook"] and "injected" in health["webhook"]
     finally:
         stop.set()
         assert done.wait(30), "the operator did not stop"

@@ -4,14 +4,38 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{- define "outbound-relay.fullname" -}}
-{{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
-{{- else if contains (include "outbound-relay.name" .) .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{/*
+A name cut to 63 characters (a DNS label: Service names, label values) the same way everywhere: when too
+long, its first 54 characters and 8 of its SHA-256, so that two long names differing only at the end (one
+release name in two namespaces, "-webhook" and "-webhook-tls") stay distinct.
+*/}}
+{{- define "outbound-relay.fit" -}}
+{{- if le (len .) 63 }}
+{{- . }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name (include "outbound-relay.name" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" (trunc 54 . | trimSuffix "-") (sha256sum . | trunc 8) }}
 {{- end }}
+{{- end }}
+
+{{/* The full name before fitting: what every derived name is built from. */}}
+{{- define "outbound-relay.rawFullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride }}
+{{- else if contains (include "outbound-relay.name" .) .Release.Name }}
+{{- .Release.Name }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "outbound-relay.name" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "outbound-relay.fullname" -}}
+{{- include "outbound-relay.fit" (include "outbound-relay.rawFullname" .) }}
+{{- end }}
+
+{{/* (list . "suffix"): the full name with a suffix, fitted as a whole. */}}
+{{- define "outbound-relay.suffixedName" -}}
+{{- $root := index . 0 }}
+{{- include "outbound-relay.fit" (printf "%s-%s" (include "outbound-relay.rawFullname" $root) (index . 1)) }}
 {{- end }}
 
 {{- define "outbound-relay.selectorLabels" -}}
@@ -49,15 +73,15 @@ app.kubernetes.io/part-of: outbound-relay
 
 {{/* Cluster-scoped names carry the namespace too: one release name may be installed in two namespaces. */}}
 {{- define "outbound-relay.clusterName" -}}
-{{- printf "%s-%s" (include "outbound-relay.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- include "outbound-relay.fit" (printf "%s-%s" (include "outbound-relay.rawFullname" .) .Release.Namespace) }}
 {{- end }}
 
 {{- define "outbound-relay.webhookService" -}}
-{{- printf "%s-webhook" (include "outbound-relay.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "outbound-relay.suffixedName" (list . "webhook") }}
 {{- end }}
 
 {{- define "outbound-relay.webhookCertSecret" -}}
-{{- printf "%s-webhook-tls" (include "outbound-relay.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- include "outbound-relay.suffixedName" (list . "webhook-tls") }}
 {{- end }}
 
 {{/* Never injected: kube-system and friends, and the operator's own namespace (it would wait for itself). */}}
