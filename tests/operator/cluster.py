@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from outbound_operator.resources import (
     RENDERED_SECRET,
     VERSION,
 )
+from tests.support.process import terminate
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -111,13 +111,7 @@ class OperatorProcess:
         return self.log_file.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 15)
 
 
 def call_json(method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What the peers share: loopback ports, a directory daemons can read, readiness and clean stops."""
+"""What the peers share: loopback ports, a directory daemons can read, readiness and clean stops, and
+`DaemonPeer`, the lifecycle of a daemon run as our child (Dovecot, Postfix)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from tests.peers.certs import TLSFiles, make_tls_files
 
 HOST = "127.0.0.1"
 
@@ -120,3 +125,89 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float = 10) -> No
             proc.wait(timeout)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+class DaemonPeer:
+    """A private daemon instance run as our child: a shared working directory (a fresh one unless given),
+    TLS files (fresh ones unless given), a process started in its own session and waited for until it
+    greets on host:port, and a stop that leaves nothing behind; use as a context manager.
+
+    Subclasses set `name` (working directory names) and `title` (error messages), define `log_file`,
+    and implement `_start()` with `_prepare_workdir()` and `_launch()`.
+    """
+
+    name = "peer"
+    title = "peer"
+
+    def __init__(
+        self, host: str, port: int, workdir: Path | None, tls: TLSFiles | None, startup_timeout: float
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._workdir_arg = workdir
+        self._tls_arg = tls
+        self._startup_timeout = startup_timeout
+        self._stack = contextlib.ExitStack()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.dir = Path()  # set by start()
+        self.tls: TLSFiles | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.tls is not None, "not started"
+        return self.tls.ca_file
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _prepare_workdir(self) -> None:
+        """Set `tls`, and `dir`: `<name>-<port>` under the working directory, not created yet."""
+        base = self._workdir_arg or self._stack.enter_context(shared_workdir(f"outbound-relay-{self.name}-"))
+        self.tls = self._tls_arg or make_tls_files(base / "tls")
+        check_shared(base, self.tls.cert_file.parent)
+        self.dir = base / f"{self.name}-{self.port}"
+
+    def _launch(self, argv: list[str]) -> None:
+        """Run the daemon in the foreground (stdout and stderr to `dir`/stderr.log) and wait for its
+        banner; a PeerError carries the tails of both logs."""
+        output = self._stack.enter_context((self.dir / "stderr.log").open("wb"))
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for_banner(self.port, self._startup_timeout, alive=self._proc, host=self.host)
+        except PeerError as exc:
+            raise PeerError(
+                f"{self.title} did not start: {exc}\n--- stderr:\n{log_tail(self.dir / 'stderr.log')}"
+                f"\n--- log:\n{log_tail(self.log_file)}"
+            ) from None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            stop_process_group(self._proc)
+            self._proc = None
+        self._stack.close()

@@ -11,28 +11,17 @@ HS256 JWTs locally. Accepted mail is relayed to a `RecordingSink`.
 from __future__ import annotations
 
 import base64
-import contextlib
 import grp
 import os
 import pwd
 import secrets
-import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
 import jwt
 
-from tests.peers.certs import TLSFiles, make_tls_files
-from tests.peers.common import (
-    PeerError,
-    check_shared,
-    free_port,
-    log_tail,
-    shared_workdir,
-    stop_process_group,
-    wait_for_banner,
-)
+from tests.peers.certs import TLSFiles
+from tests.peers.common import DaemonPeer, PeerError, free_port, log_tail
 from tests.peers.sink import ReceivedMessage, RecordingSink
 
 DOVECOT = "/usr/sbin/dovecot"
@@ -44,8 +33,11 @@ DH_PARAMS = Path("/usr/share/dovecot/dh.pem")
 DOVECOT_HOST = "127.0.0.2"
 
 
-class DovecotSubmission:
+class DovecotSubmission(DaemonPeer):
     """One private Dovecot instance (own base_dir, state, logs) on a free port of 127.0.0.2."""
+
+    name = "dovecot"
+    title = "Dovecot"
 
     def __init__(
         self,
@@ -61,29 +53,16 @@ class DovecotSubmission:
     ) -> None:
         """`relay_to` (host, port): where submission relays accepted mail instead of to a
         `RecordingSink` of its own, e.g. Postfix's smtp-sink in benchmarks; `sink` is then unavailable."""
-        self.host = DOVECOT_HOST
-        self.port = port or free_port(DOVECOT_HOST)
+        super().__init__(DOVECOT_HOST, port or free_port(DOVECOT_HOST), workdir, tls, startup_timeout)
         self.users = dict(users or DEFAULT_USERS)
         # Real Dovecot sleeps 2 s before a failed AUTH reply; tests of failures don't need to wait.
         self._auth_failure_delay = auth_failure_delay
         self._max_userip_connections = max_userip_connections
-        self._startup_timeout = startup_timeout
-        self._workdir_arg = workdir
-        self._tls_arg = tls
         self._hs256_key = secrets.token_bytes(32)
-        self._stack = contextlib.ExitStack()
-        self._proc: subprocess.Popen[bytes] | None = None
         self._sink = RecordingSink() if relay_to is None else None
         self.relay_to: tuple[str, int] = relay_to or (self.sink.host, self.sink.port)
-        self.dir = Path()  # set by start()
-        self.tls: TLSFiles | None = None
 
     # -- what tests use -------------------------------------------------------------------------
-
-    @property
-    def ca_file(self) -> Path:
-        assert self.tls is not None, "not started"
-        return self.tls.ca_file
 
     @property
     def sink(self) -> RecordingSink:
@@ -124,55 +103,16 @@ class DovecotSubmission:
         claims = {"sub": user, "iat": iat, "nbf": iat, "exp": exp}
         return jwt.encode(claims, key or self._hs256_key, algorithm="HS256")
 
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def __enter__(self) -> DovecotSubmission:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
+    # -- lifecycle (the rest is DaemonPeer's) ----------------------------------------------------
 
     def _start(self) -> None:
-        base = self._workdir_arg or self._stack.enter_context(shared_workdir("outbound-relay-dovecot-"))
-        self.tls = self._tls_arg or make_tls_files(base / "tls")
-        check_shared(base, self.tls.cert_file.parent)
-        self.dir = base / f"dovecot-{self.port}"
+        self._prepare_workdir()
         self.dir.mkdir(mode=0o755, parents=True)
         if self._sink is not None:
             self._stack.enter_context(self._sink)
         conf = self._write_config()
-        output = self._stack.enter_context((self.dir / "stderr.log").open("wb"))
         # -F: stay in the foreground, so this Popen is the master and stop() can end it.
-        self._proc = subprocess.Popen(
-            [DOVECOT, "-F", "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_for_banner(self.port, self._startup_timeout, alive=self._proc, host=self.host)
-        except PeerError as exc:
-            raise PeerError(
-                f"Dovecot did not start: {exc}\n--- stderr:\n{log_tail(self.dir / 'stderr.log')}"
-                f"\n--- log:\n{log_tail(self.log_file)}"
-            ) from None
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_process_group(self._proc)
-            self._proc = None
-        self._stack.close()
+        self._launch([DOVECOT, "-F", "-c", str(conf)])
 
     # -- configuration --------------------------------------------------------------------------
 

@@ -18,19 +18,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
-from tests.peers.certs import TLSFiles, make_tls_files
-from tests.peers.common import (
-    HOST,
-    PeerError,
-    check_shared,
-    free_port,
-    log_tail,
-    shared_workdir,
-    stop_process_group,
-    wait_for_banner,
-)
+from tests.peers.certs import TLSFiles
+from tests.peers.common import HOST, DaemonPeer, PeerError, free_port
 from tests.peers.sink import ReceivedMessage, RecordingSink
 
 POSTFIX = "/usr/sbin/postfix"
@@ -77,28 +67,16 @@ def _wait_gone(pid: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-class _PostfixInstance:
+class _PostfixInstance(DaemonPeer):
     """A private Postfix on a free 127.0.0.1 port, run by `postfix -c <dir> start-fg` as our child."""
 
     name = "postfix"
+    title = "Postfix"
 
     def __init__(
         self, workdir: Path | None, tls: TLSFiles | None, port: int | None, startup_timeout: float
     ) -> None:
-        self.host = HOST
-        self.port = port or free_port()
-        self._workdir_arg = workdir
-        self._tls_arg = tls
-        self._startup_timeout = startup_timeout
-        self._stack = contextlib.ExitStack()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.dir = Path()  # set by start()
-        self.tls: TLSFiles | None = None
-
-    @property
-    def ca_file(self) -> Path:
-        assert self.tls is not None, "not started"
-        return self.tls.ca_file
+        super().__init__(HOST, port or free_port(), workdir, tls, startup_timeout)
 
     @property
     def config_dir(self) -> Path:
@@ -108,29 +86,10 @@ class _PostfixInstance:
     def log_file(self) -> Path:
         return self.dir / "postfix.log"
 
-    def __enter__(self) -> _PostfixInstance:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-
     def _start(self) -> None:
         if os.geteuid() != 0:
             raise PeerError("a private Postfix instance needs root (its master and set-gid tools insist)")
-        base = self._workdir_arg or self._stack.enter_context(shared_workdir(f"outbound-relay-{self.name}-"))
-        self.tls = self._tls_arg or make_tls_files(base / "tls")
-        check_shared(base, self.tls.cert_file.parent)
-        self.dir = base / f"{self.name}-{self.port}"
+        self._prepare_workdir()
         for sub in ("etc", "queue", "data"):
             (self.dir / sub).mkdir(mode=0o755, parents=True)
         # master keeps its lock and the TLS session cache there, as the mail_owner.
@@ -139,22 +98,8 @@ class _PostfixInstance:
         self._prepare()
         (self.config_dir / "master.cf").write_text(_MASTER_CF.format(host=self.host, port=self.port))
         (self.config_dir / "main.cf").write_text(self._main_cf())
-        output = self._stack.enter_context((self.dir / "stderr.log").open("wb"))
         # start-fg keeps master as our descendant (no daemonizing), and fixes up queue permissions.
-        self._proc = subprocess.Popen(
-            [POSTFIX, "-c", str(self.config_dir), "start-fg"],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            wait_for_banner(self.port, self._startup_timeout, alive=self._proc)
-        except PeerError as exc:
-            raise PeerError(
-                f"Postfix did not start: {exc}\n--- stderr:\n{log_tail(self.dir / 'stderr.log')}"
-                f"\n--- log:\n{log_tail(self.log_file)}"
-            ) from None
+        self._launch([POSTFIX, "-c", str(self.config_dir), "start-fg"])
 
     def stop(self) -> None:
         if self._proc is not None:
@@ -174,9 +119,7 @@ class _PostfixInstance:
                 _wait_gone(master_pid, timeout=10)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(master_pid, signal.SIGKILL)
-            stop_process_group(self._proc)
-            self._proc = None
-        self._stack.close()
+        super().stop()  # then the group of the `postfix start-fg` process itself
 
     def _master_pid(self) -> int | None:
         try:
@@ -240,10 +183,6 @@ class PostfixSubmission(_PostfixInstance):
         super().__init__(workdir, tls, port, startup_timeout)
         self.users = dict(users or DEFAULT_USERS)
         self.sink = RecordingSink()
-
-    def __enter__(self) -> PostfixSubmission:
-        self.start()
-        return self
 
     @property
     def messages(self) -> list[ReceivedMessage]:
@@ -317,10 +256,6 @@ class PostfixRelay(_PostfixInstance):
         self._user = user
         self._password = password
         self._mechanism = mechanism.lower()
-
-    def __enter__(self) -> PostfixRelay:
-        self.start()
-        return self
 
     def _role_cf(self) -> str:
         assert self.tls is not None

@@ -13,6 +13,7 @@ import yaml
 
 from outbound_relay.delivery import Generation
 from outbound_relay.server import RelayServer
+from tests.peers.certs import TLSFiles
 
 
 def write_config(path: Path, config: dict[str, Any]) -> Path:
@@ -20,6 +21,19 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     data = {"listen": {"port": 0}, "metrics": {"host": "127.0.0.1", "port": 0}, **config}
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def catch_all_policy(port: int, tls: TLSFiles) -> dict[str, Any]:
+    """One policy for every recipient: AUTH PLAIN as u / p (an `AuthUpstream(tls, users={"u": "p"})`)
+    to 127.0.0.1:port, trusting `tls`'s CA."""
+    return {
+        "name": "t/all",
+        "type": "PLAIN",
+        "user": "u",
+        "password": "p",
+        "gateway": {"host": "127.0.0.1", "port": port},
+        "tls": {"caFile": str(tls.ca_file)},
+    }
 
 
 @contextlib.asynccontextmanager

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +45,21 @@ def upstream_for(tls: TLSFiles, **kwargs: Any) -> AuthUpstream:
     )
 
 
+@contextlib.asynccontextmanager
+async def seeded_relay(
+    up: AuthUpstream, tls: TLSFiles, config_path: Path, **tls_extra: Any
+) -> AsyncIterator[RelayServer]:
+    """The relay running on `seed_policies`, all pointed at `up`."""
+    write_config(config_path, {"policies": seed_policies(up.port, tls, **tls_extra)})
+    async with running_relay(config_path) as relay:
+        yield relay
+
+
 async def test_seed_domains_authenticate_with_their_mechanisms(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            for rcpt in ("a@messagesystems.com", "b@sparkpost.com", "c@bird.com"):
-                outcome = await submit(relay.port, [rcpt], message())
-                assert outcome.code == 250, outcome
+    async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
+        for rcpt in ("a@messagesystems.com", "b@sparkpost.com", "c@bird.com"):
+            outcome = await submit(relay.port, [rcpt], message())
+            assert outcome.code == 250, outcome
     seen = {(r.rcpt_tos[0], r.mechanism, r.login) for r in up.received}
     assert seen == {
         ("a@messagesystems.com", "LOGIN", "msys"),
@@ -59,22 +69,18 @@ async def test_seed_domains_authenticate_with_their_mechanisms(tls: TLSFiles, co
 
 
 async def test_upstream_reply_reaches_client_and_is_counted(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
-            assert outcome.data_reply == (250, "2.0.0 Ok: queued as 1")
-            metrics = relay.metrics.render().decode()
+    async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
+        outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+        assert outcome.data_reply == (250, "2.0.0 Ok: queued as 1")
+        metrics = relay.metrics.render().decode()
     assert 'outbound_relay_messages_total{result="delivered"} 1.0' in metrics
     assert 'outbound_relay_auth_attempts_total{mechanism="PLAIN",result="success"} 1.0' in metrics
 
 
 async def test_pooled_session_carries_many_messages(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            for i in range(10):
-                assert (await submit(relay.port, [f"u{i}@sparkpost.com"], message())).code == 250
+    async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
+        for i in range(10):
+            assert (await submit(relay.port, [f"u{i}@sparkpost.com"], message())).code == 250
     assert len(up.received) == 10
     assert up.state.connections == 1
     assert len(up.auth_log) == 1
@@ -161,18 +167,20 @@ async def test_verify_false_accepts_an_untrusted_certificate(tls: TLSFiles, conf
 
 
 async def test_implicit_tls(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls, implicit_tls=True) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls, mode="implicit")})
-        async with running_relay(config_path) as relay:
-            assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
+    async with (
+        upstream_for(tls, implicit_tls=True) as up,
+        seeded_relay(up, tls, config_path, mode="implicit") as relay,
+    ):
+        assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
     assert up.received[0].mechanism == "PLAIN"
 
 
 async def test_no_starttls_offered_means_no_credentials_sent(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls, require_tls=False, offer_starttls=False) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    async with (
+        upstream_for(tls, require_tls=False, offer_starttls=False) as up,
+        seeded_relay(up, tls, config_path) as relay,
+    ):
+        outcome = await submit(relay.port, ["b@sparkpost.com"], message())
     assert outcome.code == 454
     assert "does not offer STARTTLS" in outcome.data_reply[1]  # type: ignore[index]
     assert not up.auth_log
@@ -181,22 +189,19 @@ async def test_no_starttls_offered_means_no_credentials_sent(tls: TLSFiles, conf
 async def test_tls_none_sends_auth_in_clear_only_when_explicit(
     tls: TLSFiles, config_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with upstream_for(tls, require_tls=False) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls, mode="none")})
-        async with running_relay(config_path) as relay:
-            assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
-            metrics = relay.metrics.render().decode()
+    async with (
+        upstream_for(tls, require_tls=False) as up,
+        seeded_relay(up, tls, config_path, mode="none") as relay,
+    ):
+        assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
+        metrics = relay.metrics.render().decode()
     assert "outbound_relay_plaintext_auth_total 1.0" in metrics
     assert "without TLS" in caplog.text
 
 
 async def test_recipient_of_another_route_gets_452(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            outcome = await submit(
-                relay.port, ["a@sparkpost.com", "b@bird.com", "c@sparkpost.com"], message()
-            )
+    async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
+        outcome = await submit(relay.port, ["a@sparkpost.com", "b@bird.com", "c@sparkpost.com"], message())
     assert outcome.rcpt_replies["a@sparkpost.com"][0] == 250
     assert outcome.rcpt_replies["b@bird.com"][0] == 452
     assert outcome.rcpt_replies["b@bird.com"][1].startswith("4.5.3")
@@ -208,8 +213,7 @@ async def test_recipient_of_another_route_gets_452(tls: TLSFiles, config_path: P
 async def test_upstream_rcpt_refusal_is_passed_back(tls: TLSFiles, config_path: Path) -> None:
     async with upstream_for(tls) as up:
         up.state.rcpt_replies["nobody@sparkpost.com"] = "550 5.1.1 No such user"
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
+        async with seeded_relay(up, tls, config_path) as relay:
             single = await submit(relay.port, ["nobody@sparkpost.com"], message())
             mixed = await submit(relay.port, ["ok@sparkpost.com", "nobody@sparkpost.com"], message())
             after = await submit(relay.port, ["ok@sparkpost.com"], message())
@@ -224,8 +228,7 @@ async def test_upstream_rcpt_refusal_is_passed_back(tls: TLSFiles, config_path: 
 async def test_upstream_data_refusal_is_passed_back(tls: TLSFiles, config_path: Path) -> None:
     async with upstream_for(tls) as up:
         up.state.data_reply = "554 5.6.0 Content rejected"
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
+        async with seeded_relay(up, tls, config_path) as relay:
             outcome = await submit(relay.port, ["b@sparkpost.com"], message())
             metrics = relay.metrics.render().decode()
     assert outcome.data_reply == (554, "5.6.0 Content rejected")
@@ -272,15 +275,13 @@ async def test_incomplete_auth_settings_are_a_temporary_failure(tls: TLSFiles, c
 
 
 async def test_dropped_idle_session_is_not_reused(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            assert (await submit(relay.port, ["a@sparkpost.com"], message())).code == 250
-            for session in up._sessions:  # the upstream drops its idle sessions
-                if session.transport is not None:
-                    session.transport.close()
-            await asyncio.sleep(0.05)
-            assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
+    async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
+        assert (await submit(relay.port, ["a@sparkpost.com"], message())).code == 250
+        for session in up._sessions:  # the upstream drops its idle sessions
+            if session.transport is not None:
+                session.transport.close()
+        await asyncio.sleep(0.05)
+        assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
     assert len(up.received) == 2
     assert up.state.connections == 2
 
@@ -328,12 +329,10 @@ async def test_suspended_policy_defers_its_mail(tls: TLSFiles, config_path: Path
 
 
 async def test_421_on_a_reused_session_is_retried_on_a_fresh_one(tls: TLSFiles, config_path: Path) -> None:
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            assert (await submit(relay.port, ["a@sparkpost.com"], message())).code == 250
-            up.state.mail_replies.append("421 4.4.2 idle too long, closing")
-            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+    async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
+        assert (await submit(relay.port, ["a@sparkpost.com"], message())).code == 250
+        up.state.mail_replies.append("421 4.4.2 idle too long, closing")
+        outcome = await submit(relay.port, ["b@sparkpost.com"], message())
     assert outcome.code == 250, outcome
     assert [r.rcpt_tos for r in up.received] == [("a@sparkpost.com",), ("b@sparkpost.com",)]
     assert up.state.connections == 2
@@ -342,8 +341,7 @@ async def test_421_on_a_reused_session_is_retried_on_a_fresh_one(tls: TLSFiles, 
 async def test_421_on_a_fresh_session_is_a_temporary_failure(tls: TLSFiles, config_path: Path) -> None:
     async with upstream_for(tls) as up:
         up.state.mail_replies.append("421 4.3.2 going down")
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
+        async with seeded_relay(up, tls, config_path) as relay:
             outcome = await submit(relay.port, ["b@sparkpost.com"], message())
     assert outcome.code == 451, outcome
     assert "421 4.3.2 going down" in outcome.data_reply[1]  # type: ignore[index]
@@ -353,8 +351,7 @@ async def test_421_on_a_fresh_session_is_a_temporary_failure(tls: TLSFiles, conf
 async def test_unexpected_success_code_is_never_passed_on(tls: TLSFiles, config_path: Path) -> None:
     async with upstream_for(tls) as up:
         up.state.rcpt_replies["odd@sparkpost.com"] = "252 2.1.5 Cannot verify, will try"
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
+        async with seeded_relay(up, tls, config_path) as relay:
             outcome = await submit(relay.port, ["odd@sparkpost.com"], message())
     assert outcome.code == 451, outcome
     assert "upstream answered 252 to RCPT" in outcome.data_reply[1]  # type: ignore[index]
@@ -363,15 +360,14 @@ async def test_unexpected_success_code_is_never_passed_on(tls: TLSFiles, config_
 async def test_smtputf8_address_is_relayed_when_the_upstream_offers_it(
     tls: TLSFiles, config_path: Path
 ) -> None:
-    async with upstream_for(tls, smtputf8=True) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with (
-            running_relay(config_path) as relay,
-            aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as client,
-        ):
-            await client.mail("app@example.org", options=["SMTPUTF8"])
-            await client.rcpt("jörg@sparkpost.com", encoding="utf-8")
-            response = await client.data(message())
+    async with (
+        upstream_for(tls, smtputf8=True) as up,
+        seeded_relay(up, tls, config_path) as relay,
+        aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as client,
+    ):
+        await client.mail("app@example.org", options=["SMTPUTF8"])
+        await client.rcpt("jörg@sparkpost.com", encoding="utf-8")
+        response = await client.data(message())
     assert response.code == 250
     assert up.received[0].rcpt_tos == ("jörg@sparkpost.com",)
 
@@ -379,16 +375,15 @@ async def test_smtputf8_address_is_relayed_when_the_upstream_offers_it(
 async def test_smtputf8_address_is_refused_when_the_upstream_lacks_it(
     tls: TLSFiles, config_path: Path
 ) -> None:
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with (
-            running_relay(config_path) as relay,
-            aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as client,
-        ):
-            await client.mail("app@example.org", options=["SMTPUTF8"])
-            await client.rcpt("jörg@sparkpost.com", encoding="utf-8")
-            with pytest.raises(aiosmtplib.SMTPDataError) as refused:
-                await client.data(message())
+    async with (
+        upstream_for(tls) as up,
+        seeded_relay(up, tls, config_path) as relay,
+        aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as client,
+    ):
+        await client.mail("app@example.org", options=["SMTPUTF8"])
+        await client.rcpt("jörg@sparkpost.com", encoding="utf-8")
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await client.data(message())
     assert refused.value.code == 553
     assert "5.6.7" in refused.value.message
     assert up.received == []
@@ -403,11 +398,9 @@ async def test_a_bug_in_the_relay_is_a_temporary_failure(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(outbound_relay.delivery, "_transaction", broken)
-    async with upstream_for(tls) as up:
-        write_config(config_path, {"policies": seed_policies(up.port, tls)})
-        async with running_relay(config_path) as relay:
-            outcome = await submit(relay.port, ["b@sparkpost.com"], message())
-            metrics = relay.metrics.render().decode()
+    async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
+        outcome = await submit(relay.port, ["b@sparkpost.com"], message())
+        metrics = relay.metrics.render().decode()
     assert outcome.data_reply == (451, "4.3.0 Internal error in the relay; try again later")
     assert 'outbound_relay_messages_total{result="deferred"} 1.0' in metrics
 

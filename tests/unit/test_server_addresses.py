@@ -11,7 +11,7 @@ from aiosmtpd.smtp import SMTP
 
 from outbound_relay.server import _TrackedSMTP
 from tests.peers.certs import TLSFiles
-from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.relay import catch_all_policy, message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream
 
 ARGUMENTS = [
@@ -81,15 +81,7 @@ def test_local_part_limit_still_applies() -> None:
 
 async def test_quoted_local_part_is_relayed_as_written(tls: TLSFiles, config_path: Path) -> None:
     async with AuthUpstream(tls, users={"u": "p"}) as up:
-        policy = {
-            "name": "t/all",
-            "type": "PLAIN",
-            "user": "u",
-            "password": "p",
-            "gateway": {"host": "127.0.0.1", "port": up.port},
-            "tls": {"caFile": str(tls.ca_file)},
-        }
-        write_config(config_path, {"policies": [policy]})
+        write_config(config_path, {"policies": [catch_all_policy(up.port, tls)]})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, ['"john doe"@example.com'], message(), mail_from="a.b@x.org")
             assert outcome.code == 250, outcome

@@ -9,7 +9,7 @@ import pytest
 
 from outbound_relay import upstream
 from tests.peers.certs import TLSFiles
-from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.relay import catch_all_policy, message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream
 
 
@@ -23,15 +23,10 @@ async def test_drained_pool_releases_memory_once(
     releases: list[int] = []
     monkeypatch.setattr(upstream, "release_free_memory", lambda: releases.append(1))
     async with AuthUpstream(tls, users={"u": "p"}) as up:
-        policy = {
-            "name": "t/all",
-            "type": "PLAIN",
-            "user": "u",
-            "password": "p",
-            "gateway": {"host": "127.0.0.1", "port": up.port},
-            "tls": {"caFile": str(tls.ca_file)},
-        }
-        write_config(config_path, {"upstream": {"idleTimeoutSeconds": 0.1}, "policies": [policy]})
+        write_config(
+            config_path,
+            {"upstream": {"idleTimeoutSeconds": 0.1}, "policies": [catch_all_policy(up.port, tls)]},
+        )
         async with running_relay(config_path) as relay:
             assert (await submit(relay.port, ["a@example.com"], message())).code == 250
             assert releases == []  # not while a connection is open

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -13,7 +12,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from outbound_relay.server import RelayServer
 from outbound_relay.upstream import Reply, ReplyReader, UpstreamConnection, UpstreamDropped
 from tests.peers.certs import TLSFiles
-from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.relay import catch_all_policy, message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream, _Handler
 
 # -- the reader -------------------------------------------------------------------------------------
@@ -85,17 +84,6 @@ class PipeliningUpstream(AuthUpstream):
         )
 
 
-def policy(port: int, tls: TLSFiles) -> dict[str, Any]:
-    return {
-        "name": "t/all",
-        "type": "PLAIN",
-        "user": "u",
-        "password": "p",
-        "gateway": {"host": "127.0.0.1", "port": port},
-        "tls": {"caFile": str(tls.ca_file)},
-    }
-
-
 def pooled(relay: RelayServer) -> list[UpstreamConnection]:
     return [conn for slot in relay.pool._slots.values() for conn in slot.idle]
 
@@ -103,7 +91,7 @@ def pooled(relay: RelayServer) -> list[UpstreamConnection]:
 async def test_pipelined_messages_arrive_intact_on_one_session(tls: TLSFiles, config_path: Path) -> None:
     body = "line one\r\n.starts with a dot\r\n..two dots\r\nlone LF\nend\r\n"
     async with PipeliningUpstream(tls, users={"u": "p"}) as up:
-        write_config(config_path, {"policies": [policy(up.port, tls)]})
+        write_config(config_path, {"policies": [catch_all_policy(up.port, tls)]})
         async with running_relay(config_path) as relay:
             for i in range(3):
                 outcome = await submit(relay.port, [f"r{i}@example.com"], message(body=body))
@@ -122,7 +110,7 @@ async def test_pipelined_refusals_are_passed_back_and_the_session_stays_usable(
 ) -> None:
     async with PipeliningUpstream(tls, users={"u": "p"}) as up:
         up.state.rcpt_replies["nobody@example.com"] = "550 5.1.1 No such user"
-        write_config(config_path, {"policies": [policy(up.port, tls)]})
+        write_config(config_path, {"policies": [catch_all_policy(up.port, tls)]})
         async with running_relay(config_path) as relay:
             single = await submit(relay.port, ["nobody@example.com"], message())
             mixed = await submit(relay.port, ["ok@example.com", "nobody@example.com"], message())
@@ -139,7 +127,7 @@ async def test_pipelined_refusals_are_passed_back_and_the_session_stays_usable(
 async def test_pipelined_data_refusal_is_passed_back(tls: TLSFiles, config_path: Path) -> None:
     async with PipeliningUpstream(tls, users={"u": "p"}) as up:
         up.state.data_reply = "554 5.6.0 Content rejected"
-        write_config(config_path, {"policies": [policy(up.port, tls)]})
+        write_config(config_path, {"policies": [catch_all_policy(up.port, tls)]})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, ["b@example.com"], message())
     assert outcome.data_reply == (554, "5.6.0 Content rejected")

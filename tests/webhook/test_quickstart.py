@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from outbound_operator.webhook import MUTATE_PATH
 from outbound_operator.webhook_certs import RotationSettings
 from tests.cluster.controlplane import REPO, ControlPlane
 from tests.helm.chart import CHART, find, helm, objects, read_json, release_name
+from tests.support.process import terminate
 from tests.webhook.conftest import ThreadedWebhook, free_port, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -44,12 +44,7 @@ def operator_process(control_plane: ControlPlane, namespace: str, tmp_path: Path
     try:
         yield
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 30)
         log.close()
 
 

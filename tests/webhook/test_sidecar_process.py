@@ -8,7 +8,6 @@ listen on (relay.metricsPort other than relay.yaml's), and a Pod whose namespace
 from __future__ import annotations
 
 import os
-import signal
 import smtplib
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from outbound_operator.injection import CONFIG_FILE, InjectionSettings, sidecar_container
+from tests.support.process import terminate
 from tests.webhook.conftest import free_port
 
 RELAY = Path(sys.executable).parent / "outbound-relay"
@@ -42,13 +42,7 @@ def run_sidecar(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, 10)
 
 
 def _start(settings: InjectionSettings, config: Path, log: Path) -> subprocess.Popen[bytes]:
