@@ -81,7 +81,7 @@ class DovecotSubmission(DaemonPeer):
     def log_file(self) -> Path:
         return self.dir / "dovecot.log"
 
-    def wait_for_log(self, text: str, timeout: float = 5) -> str:
+    def wait_for_log(self, text: str, timeout: float = 20) -> str:
         """Wait until a line containing `text` is in Dovecot's log (auth verdicts, logins); return it."""
         deadline = time.monotonic() + timeout
         while True:
