@@ -400,23 +400,3 @@ def fingerprint(paths: tuple[Path, ...], *, first: bytes | None = None) -> str:
         except OSError as error:
             digest.update(f"unreadable:{error.errno}".encode())
     return digest.hexdigest()
-
-
-def dump_config(config: RelayConfig) -> dict[str, Any]:
-    """The config as relay.yaml data, passwords included: for the operator to render into a Secret."""
-
-    def reveal(value: Any) -> Any:
-        if isinstance(value, SecretStr):
-            return value.get_secret_value()
-        if isinstance(value, dict):
-            return {k: reveal(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [reveal(v) for v in value]
-        if isinstance(value, Path):
-            return str(value)
-        if isinstance(value, StrEnum):
-            return value.value
-        return value
-
-    result: dict[str, Any] = reveal(config.model_dump(by_alias=True, exclude_none=True))
-    return result

@@ -21,9 +21,6 @@ class SecretRedactor(logging.Filter):
         found = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
         self._secrets = tuple(sorted(found, key=len, reverse=True))
 
-    def add_secrets(self, secrets: Iterable[str]) -> None:
-        self.set_secrets((*self._secrets, *secrets))
-
     def redact(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:

@@ -171,7 +171,7 @@ class RelayServer:
         return sum(
             1
             for session in self._sessions
-            if session.envelope is not None and session.envelope.mail_from is not None  # "" is <>
+            if session.envelope is not None and session.envelope.mail_from is not None
         )
 
     async def stop(self, grace_seconds: float = 25.0) -> None:
