@@ -3,11 +3,12 @@
 A real Dovecot submission server on loopback requires STARTTLS and AUTH (PLAIN and LOGIN against a
 passwd-file, XOAUTH2 through its oauth2 passdb validating a JWT locally). Then, twice:
 
-1. without a cluster: the seed's three Domain stanzas (messagesystems.com LOGIN, sparkpost.com PLAIN,
-   bird.com XOAUTH2) as a hand-written relay.yaml, `outbound-relay serve` as its own process, one message
-   to each domain; it prints the replies, what arrived behind Dovecot, the auth metrics and `explain`;
+1. without a cluster: the three Domain stanzas of Momentum's outbound_smtp_auth example
+   (messagesystems.com LOGIN, sparkpost.com PLAIN, bird.com XOAUTH2) as a hand-written relay.yaml,
+   `outbound-relay serve` as its own process, one message to each domain; it prints the replies, what
+   arrived behind Dovecot, the auth metrics and `explain`;
 2. on a real Kubernetes control plane (built from Go modules on first use, minutes; cached after): the
-   seed's ecelerity.conf through `outbound-relay import-momentum` into OutboundAuthPolicies and Secrets,
+   example ecelerity.conf through `outbound-relay import-momentum` into OutboundAuthPolicies and Secrets,
    `kubectl apply`, `outbound-operator` rendering them into the Secret outbound-relay-config, the Secret
    projected into a directory as the kubelet does, and the relay serving from it.
 
@@ -34,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from tests.peers import DovecotSubmission, shared_workdir  # noqa: E402
 from tests.support.seed import SEED_CONF  # noqa: E402
 
-XOAUTH2_USER = "test@contoso.onmicrosoft.com"  # the seed's example user
-USERS = {"msys": "msys", "sparkpost": "sparkpost"}  # the seed's passwords
+XOAUTH2_USER = "test@contoso.onmicrosoft.com"  # Momentum's example user
+USERS = {"msys": "msys", "sparkpost": "sparkpost"}  # Momentum's example passwords
 RCPTS = ("someone@messagesystems.com", "someone@sparkpost.com", "someone@bird.com")
 RELAY = [sys.executable, "-m", "outbound_relay.cli"]
 
@@ -107,7 +108,7 @@ def relay_only(work: Path, dovecot: DovecotSubmission) -> bool:
         relay = subprocess.Popen([*RELAY, "serve", "--config", str(config_path)], stderr=log)
         try:
             wait_listening(port, relay)
-            print("\nthe app sends one message to each of the seed's domains:")
+            print("\nthe app sends one message to each of the example's domains:")
             for rcpt in RCPTS:
                 print(f"  {rcpt:<28} -> {send(port, rcpt)}")
             arrived = dovecot.sink.wait_for(3, timeout=15)
@@ -186,7 +187,7 @@ async def on_kubernetes(work: Path, dovecot: DovecotSubmission) -> bool:
         )
         imported = done.stdout
         print("\n".join(f"    {line}" for line in kubectl("apply", "-f", "-", input=imported).splitlines()))
-        # The seed's bird.com token is an example string; Dovecot validates a signed JWT, so put one in.
+        # The example's bird.com token is a plain string; Dovecot validates a signed JWT, so put one in.
         bird = next(
             d for d in yaml.safe_load_all(imported) if d and d["kind"] == "OutboundAuthPolicy"
             and d["spec"]["scope"].get("domain") == "bird.com"

@@ -1,4 +1,4 @@
-"""The operator's Prometheus metrics (DESIGN.md, "Metrics"): bounded labels, no names of objects."""
+"""The operator's Prometheus metrics (docs/metrics.md): bounded labels, no names of objects."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ POLICY_PLURAL = "outboundauthpolicies"
 GROUP_KIND = "OutboundBindingGroup"
 GROUP_PLURAL = "outboundbindinggroups"
 
-# One per namespace; the sidecar mounts it read-only (DESIGN.md, "Rendered relay config").
+# One per namespace; the sidecar mounts it read-only (docs/relay-config.md).
 RENDERED_SECRET = "outbound-relay-config"  # noqa: S105 (a Secret name, not a password)
 CONFIG_KEY = "relay.yaml"
 

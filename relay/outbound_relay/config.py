@@ -1,8 +1,9 @@
 """The `relay.yaml` model: the contract between the operator and the relay (docs/relay-config.md).
 
-Keys are camelCase as DESIGN.md writes them, and are also accepted case-insensitively, with `_` or `-`
-between words, and in Momentum's spelling (`Outbound_SMTP_AUTH_user`), so a stanza carried over from
-`ecelerity.conf` reads as it did there. Unknown keys are errors: a typo must never silently drop a setting.
+Keys are camelCase as docs/relay-config.md writes them, and are also accepted case-insensitively, with
+`_` or `-` between words, and in Momentum's spelling (`Outbound_SMTP_AUTH_user`), so a stanza carried
+over from `ecelerity.conf` reads as it did there. Unknown keys are errors: a typo must never silently
+drop a setting.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-# Momentum's option names (seed document); they map onto our fields in every model that has them.
+# The option names of Momentum's outbound_smtp_auth; they map onto our fields in every model that has them.
 MOMENTUM_KEYS = {
     "outboundsmtpauthtype": "type",
     "outboundsmtpauthuser": "user",

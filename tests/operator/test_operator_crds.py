@@ -80,7 +80,7 @@ def test_invalid_policy_is_rejected(objects: Objects, change: dict[str, Any], ex
     ids=["gateway-only", "credentials-only", "type-only"],
 )
 def test_partial_policies_are_admitted(objects: Objects, spec: dict[str, Any]) -> None:
-    """Each setting falls back on its own (DESIGN.md), so no setting is required on its own policy."""
+    """Each setting falls back on its own (docs/relay-config.md): no setting is required on its own policy."""
     assert objects.apply_policy("partial", spec)["spec"].get("scope") == spec.get("scope")
 
 

@@ -1,4 +1,4 @@
-"""The seed document's examples (shared/seed/outbound_smtp_auth.md), verbatim; tests share them."""
+"""The examples of Momentum's outbound_smtp_auth documentation, verbatim; tests share them."""
 
 SEED_USER = "test@contoso.onmicrosoft.com"
 SEED_TOKEN = "EwBAAl3BAAUFFpUAo7J3Ve0bjLBWZWCclRC3EoAA"

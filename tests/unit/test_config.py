@@ -15,7 +15,7 @@ from outbound_relay.config import (
     parse_config,
 )
 
-DESIGN_EXAMPLE = """
+DOCUMENTED_EXAMPLE = """
 listen: {host: 127.0.0.1, port: 2525}
 metrics: {host: 0.0.0.0, port: 9425}
 defaultBinding: default
@@ -43,7 +43,7 @@ def error_of(text: str) -> str:
 
 
 def test_design_example_parses() -> None:
-    config = parse(DESIGN_EXAMPLE)
+    config = parse(DOCUMENTED_EXAMPLE)
     (policy,) = config.policies
     assert policy.type is AuthType.PLAIN
     assert policy.user == "sparkpost"
@@ -81,7 +81,7 @@ def test_momentum_spellings_case_insensitive() -> None:
 
 
 def test_repr_never_shows_password() -> None:
-    config = parse(DESIGN_EXAMPLE)
+    config = parse(DOCUMENTED_EXAMPLE)
     assert "s3cret-sparkpost" not in repr(config)
     assert "s3cret-sparkpost" not in str(config)
 

@@ -1,4 +1,4 @@
-"""Metrics as Prometheus reads them: DESIGN.md's names, bounded labels, `promtool check metrics` clean."""
+"""Metrics as Prometheus reads them: documented names, bounded labels, `promtool check metrics` clean."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ EXAMPLES = REPO / "docs" / "examples"
 
 @pytest.fixture
 def operator_process(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Iterator[None]:
-    """outbound-operator (issue 6) watching the quick start's namespace, as a process."""
+    """outbound-operator watching the quick start's namespace, as a process."""
     log = (tmp_path / "operator.log").open("wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("outbound-operator")), "--namespace", namespace,
