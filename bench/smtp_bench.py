@@ -483,7 +483,9 @@ def run_benchmark(settings: Settings, *, mode: str, with_postfix: bool, profile:
             _progress(
                 f"relay up on {HOST}:{relay.port}, pid {relay.pid}, VmRSS {idle.get('VmRSS', 0):.1f} MB"
             )
-            ceilings, relays, defaults = [], [], []
+            ceilings: list[LoadResult] = []
+            relays: list[LoadResult] = []
+            defaults: list[LoadResult] = []
             with contextlib.ExitStack() as stack:
                 default_relay = None
                 if s.relay_defaults and not profile:
@@ -492,18 +494,18 @@ def run_benchmark(settings: Settings, *, mode: str, with_postfix: bool, profile:
                                      extra_args=s.relay_args)
                     )  # fmt: skip
                     _progress(f"relay at its defaults up on {HOST}:{default_relay.port}")
-                for _ in range(s.rounds):
+                relay_runs = [("relay", relay, relays)]
+                if default_relay is not None:
+                    relay_runs.append(("relay, defaults", default_relay, defaults))
+                for round_ in range(s.rounds):
                     pooled = bench.client(
                         "pooled", "--messages", str(s.messages), "--sessions", str(s.sessions)
                     )
                     ceilings.append(bench.load("ceiling", pooled, s.messages))
-                    source = bench.smtp_source(HOST, relay.port, s.messages)
-                    relays.append(bench.load("relay", source, s.messages, relay=relay))
-                    if default_relay is not None:
-                        source = bench.smtp_source(HOST, default_relay.port, s.messages)
-                        defaults.append(
-                            bench.load("relay, defaults", source, s.messages, relay=default_relay)
-                        )
+                    # The relays swap places every round, so that neither always follows the ceiling.
+                    for path, process, runs in relay_runs[:: -1 if round_ % 2 else 1]:
+                        source = bench.smtp_source(HOST, process.port, s.messages)
+                        runs.append(bench.load(path, source, s.messages, relay=process))
             latency = {"rate": s.latency_rate} if profile else bench.latency(relay)
             last_used, peak = time.monotonic(), relay.memory().get("VmHWM")
 
