@@ -1,7 +1,7 @@
 """`make bench`: the end-to-end SMTP benchmark, outbound-relay beside Postfix (bench/smtp_bench.py).
 
 python -m bench [--quick] [--messages N] [--postfix-messages N] [--rounds N] [--no-postfix]
-                [--relay-arg=--some-flag ...] [--profile]
+                [--no-postfix-reuse] [--no-relay-defaults] [--relay-arg=--some-flag ...] [--profile]
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="End-to-end SMTP benchmark on loopback: outbound-relay, Postfix as a SASL relay and a "
-        "pooled client, all to Dovecot submission (STARTTLS, AUTH PLAIN) relaying to smtp-sink.",
+        description="End-to-end SMTP benchmark on loopback: outbound-relay (tuned pool and defaults), "
+        "Postfix as a SASL relay (defaults and with TLS connection reuse) and a pooled client, all to "
+        "Dovecot submission (STARTTLS, AUTH PLAIN) relaying to smtp-sink.",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer messages and one round (about a minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer messages and one round (one to two minutes)"
+    )
     parser.add_argument(
         "--messages", type=int, help=f"per throughput run ({defaults.messages}; quick {QUICK.messages})"
     )
@@ -52,7 +55,17 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="ARG",
         help="extra argument for outbound-relay serve",
     )
-    parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix run (it needs root)")
+    parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix runs (they need root)")
+    parser.add_argument(
+        "--no-postfix-reuse",
+        action="store_true",
+        help="skip the Postfix run with smtp_tls_connection_reuse = yes",
+    )
+    parser.add_argument(
+        "--no-relay-defaults",
+        action="store_true",
+        help="skip the relay run with relay.yaml defaults (pool size included)",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -78,6 +91,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     if args.relay_arg:
         overrides["relay_args"] = tuple(args.relay_arg)
+    if args.no_postfix_reuse:
+        overrides["postfix_reuse"] = False
+    if args.no_relay_defaults:
+        overrides["relay_defaults"] = False
     return dataclasses.replace(base, **overrides)
 
 

@@ -1,4 +1,4 @@
-"""End-to-end SMTP benchmark: outbound-relay side by side with Postfix as a SASL relay (issue 8).
+"""End-to-end SMTP benchmark: outbound-relay side by side with Postfix as a SASL relay.
 
 Everything runs on loopback in one go, against one upstream: Dovecot submission (STARTTLS required,
 AUTH PLAIN), which relays each message it accepts to Postfix's `smtp-sink`. Messages are counted where
@@ -7,9 +7,12 @@ they arrive, at the sink, never at acceptance. The paths measured:
 - the tools alone: `smtp-source` straight into `smtp-sink`;
 - (c) ceiling: a Python client with `sessions` pooled connections, each STARTTLS + AUTH once, sending to
   Dovecot directly (bench/smtp_clients.py `pooled`): what the upstream takes at most;
-- (a) relay: `smtp-source` -> `outbound-relay serve` (a subprocess, as deployed) -> Dovecot -> sink;
+- (a) relay: `smtp-source` -> `outbound-relay serve` (a subprocess, as deployed) -> Dovecot -> sink,
+  twice: with its upstream pool as large as the load's sessions (`maxConnections`), and with relay.yaml
+  setting nothing but the policy (every other setting, the pool size included, at its default);
 - (b) Postfix: `smtp-source` -> Postfix (`relayhost`, `smtp_sasl_password_maps`,
-  `smtp_tls_security_level = encrypt`, everything else default) -> Dovecot -> sink.
+  `smtp_tls_security_level = encrypt`, everything else default) -> Dovecot -> sink, twice: as that, and
+  with `smtp_tls_connection_reuse = yes` (TLS connections kept and reused through tlsproxy(8)).
 
 Then the relay's added latency at a fixed moderate rate (bench/smtp_clients.py `paced`: to Dovecot
 directly and through the relay, taking turns), and the relay's memory (VmRSS idle, VmHWM under load,
@@ -29,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +68,11 @@ class Settings:
     rounds: int = 2
     """Throughput runs of the ceiling and the relay, taking turns; the best of each counts (noise from
     the rest of the machine only ever slows a run down)."""
+    relay_defaults: bool = True
+    """Also run the relay with relay.yaml setting only its policy: the pool size and the rest at their
+    defaults."""
+    postfix_reuse: bool = True
+    """Also run Postfix with `smtp_tls_connection_reuse = yes`."""
     relay_args: tuple[str, ...] = ()
     """Extra arguments for `outbound-relay serve`, e.g. `--uvloop`."""
     timeout: float = 600.0
@@ -167,14 +175,16 @@ def relay_command() -> list[str]:
 
 
 class RelayProcess:
-    """`outbound-relay serve` with a relay.yaml whose one global policy sends everything to Dovecot."""
+    """`outbound-relay serve` with a relay.yaml whose one global policy sends everything to Dovecot.
+    `pool_size` and `idle_timeout` None leave `maxConnections` and `upstream:` out, to their defaults."""
 
     def __init__(
         self,
         workdir: Path,
         upstream: DovecotSubmission,
         *,
-        pool_size: int,
+        pool_size: int | None,
+        idle_timeout: float | None = RELAY_IDLE_TIMEOUT,
         extra_args: Sequence[str] = (),
         profile_to: Path | None = None,
         env: dict[str, str] | None = None,
@@ -184,6 +194,7 @@ class RelayProcess:
         self.dir.mkdir(mode=0o755)
         self._upstream = upstream
         self._pool_size = pool_size
+        self._idle_timeout = idle_timeout
         self._extra_args = tuple(extra_args)
         self._profile_to = profile_to
         self._env = env
@@ -200,7 +211,7 @@ class RelayProcess:
 
     def config(self) -> str:
         up = self._upstream
-        return f"""\
+        config = f"""\
 listen: {{host: {HOST}, port: {self.port}}}
 metrics: {{host: {HOST}, port: {free_port()}}}
 policies:
@@ -210,9 +221,12 @@ policies:
     password: {up.users[USER]}
     gateway: {{host: {up.host}, port: {up.port}}}
     tls: {{mode: starttls, verify: true, caFile: {up.ca_file}}}
-    maxConnections: {self._pool_size}
-upstream: {{idleTimeoutSeconds: {RELAY_IDLE_TIMEOUT:g}}}
 """
+        if self._pool_size is not None:
+            config += f"    maxConnections: {self._pool_size}\n"
+        if self._idle_timeout is not None:
+            config += f"upstream: {{idleTimeoutSeconds: {self._idle_timeout:g}}}\n"
+        return config
 
     def __enter__(self) -> RelayProcess:
         config = self.dir / "relay.yaml"
@@ -263,6 +277,7 @@ class LoadResult:
     delivered: int  # counted at the sink; fewer than messages only if the run failed
     error: str | None = None
     upstream_logins: int | None = None  # AUTH exchanges Dovecot logged meanwhile
+    reused: int | None = None  # Postfix: deliveries over a connection an earlier delivery had opened
     rss_peak_mb: float | None = None  # the relay's highest VmRSS sampled during the run
     relay_cpu_ms: float | None = None  # the relay's CPU time (user + system) per delivered message
 
@@ -364,6 +379,23 @@ class Bench:
         self.say(f"{path}: {result.rate:,.1f} msg/s {error or ''}")
         return result
 
+    def postfix(self, path: str, *, tls_connection_reuse: bool) -> LoadResult:
+        """A fresh Postfix relaying to Dovecot, loaded like the relay; `reused` from its own log."""
+        up, messages = self.dovecot, self.settings.postfix_messages
+        with PostfixRelay(
+            up.host, up.port, USER, up.users[USER], self.workdir, self.tls,
+            tls_connection_reuse=tls_connection_reuse,
+        ) as postfix:  # fmt: skip
+            result = self.load(path, self.smtp_source(postfix.host, postfix.port, messages), messages)
+            try:
+                sent = postfix.wait_for_log_count(" status=sent ", result.delivered, timeout=10)
+            except TimeoutError as error:
+                return replace(result, error=result.error or str(error).splitlines()[0])
+        # smtp(8) logs `conn_use=<n>` on a delivery over a connection that served n - 1 before it.
+        reused = sum("conn_use=" in line for line in sent)
+        self.say(f"{path}: {reused} of {len(sent)} deliveries reused a connection")
+        return replace(result, reused=reused)
+
     def latency(self, relay: RelayProcess) -> dict[str, Any]:
         s = self.settings
         found: dict[str, Any] = {"rate": s.latency_rate, "messages": s.latency_messages}
@@ -451,24 +483,40 @@ def run_benchmark(settings: Settings, *, mode: str, with_postfix: bool, profile:
             _progress(
                 f"relay up on {HOST}:{relay.port}, pid {relay.pid}, VmRSS {idle.get('VmRSS', 0):.1f} MB"
             )
-            ceilings, relays = [], []
-            for _ in range(s.rounds):
-                pooled = bench.client("pooled", "--messages", str(s.messages), "--sessions", str(s.sessions))
-                ceilings.append(bench.load("ceiling", pooled, s.messages))
-                source = bench.smtp_source(HOST, relay.port, s.messages)
-                relays.append(bench.load("relay", source, s.messages, relay=relay))
+            ceilings: list[LoadResult] = []
+            relays: list[LoadResult] = []
+            defaults: list[LoadResult] = []
+            with contextlib.ExitStack() as stack:
+                default_relay = None
+                if s.relay_defaults and not profile:
+                    default_relay = stack.enter_context(
+                        RelayProcess(bench.workdir, bench.dovecot, pool_size=None, idle_timeout=None,
+                                     extra_args=s.relay_args)
+                    )  # fmt: skip
+                    _progress(f"relay at its defaults up on {HOST}:{default_relay.port}")
+                relay_runs = [("relay", relay, relays)]
+                if default_relay is not None:
+                    relay_runs.append(("relay, defaults", default_relay, defaults))
+                for round_ in range(s.rounds):
+                    pooled = bench.client(
+                        "pooled", "--messages", str(s.messages), "--sessions", str(s.sessions)
+                    )
+                    ceilings.append(bench.load("ceiling", pooled, s.messages))
+                    # The relays swap places every round, so that neither always follows the ceiling.
+                    for path, process, runs in relay_runs[:: -1 if round_ % 2 else 1]:
+                        source = bench.smtp_source(HOST, process.port, s.messages)
+                        runs.append(bench.load(path, source, s.messages, relay=process))
             latency = {"rate": s.latency_rate} if profile else bench.latency(relay)
             last_used, peak = time.monotonic(), relay.memory().get("VmHWM")
 
-            postfix = None
+            postfix = postfix_reuse = None
             if with_postfix and not profile:
                 if os.geteuid() != 0:
                     _progress("Postfix skipped: a private Postfix instance needs root")
                 else:
-                    up = bench.dovecot
-                    with PostfixRelay(up.host, up.port, USER, up.users[USER], bench.workdir, bench.tls) as pf:
-                        source = bench.smtp_source(pf.host, pf.port, s.postfix_messages)
-                        postfix = bench.load("postfix", source, s.postfix_messages)
+                    postfix = bench.postfix("postfix", tls_connection_reuse=False)
+                    if s.postfix_reuse:
+                        postfix_reuse = bench.postfix("postfix, TLS reuse", tls_connection_reuse=True)
 
             # Idle again: once the reaper (every idleTimeout/2) has closed the pooled sessions.
             drained = last_used + 1.5 * RELAY_IDLE_TIMEOUT + 1
@@ -483,8 +531,14 @@ def run_benchmark(settings: Settings, *, mode: str, with_postfix: bool, profile:
         "sink_alone": tools.as_json(),
         "ceiling": best(ceilings).as_json(),
         "relay": best(relays).as_json(),
+        "relay_defaults": best(defaults).as_json() if defaults else None,
         "postfix": postfix.as_json() if postfix else None,
-        "rounds": {"ceiling": [r.as_json() for r in ceilings], "relay": [r.as_json() for r in relays]},
+        "postfix_reuse": postfix_reuse.as_json() if postfix_reuse else None,
+        "rounds": {
+            "ceiling": [r.as_json() for r in ceilings],
+            "relay": [r.as_json() for r in relays],
+            "relay_defaults": [r.as_json() for r in defaults],
+        },
     }
     results["latency"] = latency
     results["memory_mb"] = {

@@ -231,3 +231,43 @@ async def test_postfix_relay_authenticates_to_dovecot(
         [received] = await dovecot.sink.wait_for_async(1, rcpt)
     assert b"ESMTPSA" in received.content  # Dovecot's Received: line says TLS + AUTH were used
     await asyncio.to_thread(dovecot.wait_for_log, f"Login: user=<carol>, method={mechanism}")
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["default", "tls-reuse"])
+async def test_postfix_relay_tls_connection_reuse(
+    dovecot: DovecotSubmission, ca: TLSFiles, peer_workdir: Path, reuse: bool
+) -> None:
+    """At its defaults Postfix opens a TLS connection, and logs in, for every delivery; with
+    `tls_connection_reuse` a burst of mail shares connections: fewer logins at Dovecot than messages,
+    and Postfix logs `conn_use=` on the deliveries that reused one."""
+    require_binaries("Postfix with Cyrus SASL (postfix, sasl2-bin)", *POSTFIX_BINARIES)
+    user, sessions, per_session = "bob", 4, 6
+    relay = PostfixRelay(
+        dovecot.host, dovecot.port, user, dovecot.users[user], peer_workdir, ca, tls_connection_reuse=reuse
+    )
+    rcpt = unique_rcpt()
+
+    def logins() -> int:
+        return dovecot.log_file.read_text(errors="replace").count(f"Login: user=<{user}>")
+
+    async def burst() -> None:
+        # Several sessions at once, so that the relayhost has a backlog in Postfix's active queue: the
+        # hint on which it keeps connections for reuse (smtp_connection_cache_on_demand).
+        async with aiosmtplib.SMTP(hostname=relay.host, port=relay.port, start_tls=False) as smtp:
+            for _ in range(per_session):
+                errors, _ = await smtp.sendmail(SENDER, [rcpt], message(rcpt))
+                assert errors == {}
+
+    with relay:
+        before = logins()
+        await asyncio.gather(*(burst() for _ in range(sessions)))
+        await dovecot.sink.wait_for_async(sessions * per_session, rcpt, timeout=60)
+        delivered = await asyncio.to_thread(relay.wait_for_log_count, " status=sent ", sessions * per_session)
+        upstream_logins = logins() - before
+    reused = [line for line in delivered if "conn_use=" in line]
+    if reuse:
+        assert 1 <= upstream_logins < sessions * per_session, upstream_logins
+        assert len(reused) == sessions * per_session - upstream_logins, delivered
+    else:
+        assert upstream_logins == sessions * per_session
+        assert reused == []

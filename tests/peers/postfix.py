@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tests.peers.certs import TLSFiles
-from tests.peers.common import HOST, DaemonPeer, PeerError, free_port
+from tests.peers.common import HOST, DaemonPeer, PeerError, free_port, log_tail
 from tests.peers.sink import ReceivedMessage, RecordingSink
 
 POSTFIX = "/usr/sbin/postfix"
@@ -55,6 +55,9 @@ anvil     unix  - - n -     1 anvil
 scache    unix  - - n -     1 scache
 postlog   unix-dgram n - n - 1 postlogd
 """
+# The TLS proxy behind `smtp_tls_connection_reuse` (Debian's master.cf ships it commented out): smtp
+# hands it the TCP connection, it does the TLS, and the plaintext end can then be cached in scache.
+_TLSPROXY_SERVICE = "tlsproxy  unix  - - n -     0 tlsproxy\n"
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
@@ -86,6 +89,23 @@ class _PostfixInstance(DaemonPeer):
     def log_file(self) -> Path:
         return self.dir / "postfix.log"
 
+    def wait_for_log_count(self, text: str, count: int, timeout: float = 20) -> list[str]:
+        """Wait until `count` lines of the log contain `text` (postlogd writes a delivery's line a moment
+        after the next hop has the message); return them all."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                lines = [
+                    line for line in self.log_file.read_text(errors="replace").splitlines() if text in line
+                ]
+                if len(lines) >= count:
+                    return lines
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"fewer than {count} lines with {text!r} in {self.log_file}:\n{log_tail(self.log_file)}"
+                )
+            time.sleep(0.05)
+
     def _start(self) -> None:
         if os.geteuid() != 0:
             raise PeerError("a private Postfix instance needs root (its master and set-gid tools insist)")
@@ -96,7 +116,8 @@ class _PostfixInstance(DaemonPeer):
         postfix_user = pwd.getpwnam("postfix")
         os.chown(self.dir / "data", postfix_user.pw_uid, postfix_user.pw_gid)
         self._prepare()
-        (self.config_dir / "master.cf").write_text(_MASTER_CF.format(host=self.host, port=self.port))
+        master_cf = _MASTER_CF.format(host=self.host, port=self.port) + self._extra_services()
+        (self.config_dir / "master.cf").write_text(master_cf)
         (self.config_dir / "main.cf").write_text(self._main_cf())
         # start-fg keeps master as our descendant (no daemonizing), and fixes up queue permissions.
         self._launch([POSTFIX, "-c", str(self.config_dir), "start-fg"])
@@ -134,6 +155,10 @@ class _PostfixInstance(DaemonPeer):
 
     def _role_cf(self) -> str:
         raise NotImplementedError
+
+    def _extra_services(self) -> str:
+        """master.cf lines beyond the shared ones."""
+        return ""
 
     def _main_cf(self) -> str:
         d = self.dir
@@ -234,7 +259,11 @@ class PostfixRelay(_PostfixInstance):
     """Postfix as a SASL client: accepts mail from 127.0.0.0/8 without auth or TLS, and relays it to
     `upstream_host:upstream_port` with STARTTLS (CA-verified chain) and AUTH as `user`.
 
-    A reference point for benchmarks: the same job as outbound-relay, done by Postfix."""
+    A reference point for benchmarks: the same job as outbound-relay, done by Postfix. By default every
+    delivery opens its own connection, with a TLS handshake and AUTH: Postfix caches plaintext SMTP
+    connections but not TLS ones. `tls_connection_reuse=True` sets `smtp_tls_connection_reuse = yes` and
+    adds the tlsproxy(8) service, so that TLS connections are cached too (Postfix 3.4 and later) while
+    the relayhost has a backlog in the active queue (`smtp_connection_cache_on_demand`, default yes)."""
 
     name = "postfix-relay"
 
@@ -248,11 +277,13 @@ class PostfixRelay(_PostfixInstance):
         tls: TLSFiles | None = None,
         *,
         mechanism: str = "PLAIN",
+        tls_connection_reuse: bool = False,
         port: int | None = None,
         startup_timeout: float = 30,
     ) -> None:
         super().__init__(workdir, tls, port, startup_timeout)
         self.upstream = (upstream_host, upstream_port)
+        self.tls_connection_reuse = tls_connection_reuse
         self._user = user
         self._password = password
         self._mechanism = mechanism.lower()
@@ -274,4 +305,8 @@ smtp_sasl_password_maps = static:{self._user}:{self._password}
 smtp_sasl_security_options = noanonymous
 smtp_sasl_tls_security_options = noanonymous
 smtp_sasl_mechanism_filter = {self._mechanism}
+smtp_tls_connection_reuse = {"yes" if self.tls_connection_reuse else "no"}
 """
+
+    def _extra_services(self) -> str:
+        return _TLSPROXY_SERVICE if self.tls_connection_reuse else ""
