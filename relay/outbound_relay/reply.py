@@ -19,11 +19,11 @@ class ReplyClass(IntEnum):
     PERMANENT_NEGATIVE = 5  # never: the client gives up on the message
 
 
+_WHITE = b" \t\r"
+_REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\r?\Z)")
 # RFC 3463 2: class "." subject "." detail, the class being the reply's own (2, 4 or 5); RFC 2034 puts it
-# first in the text of each line, followed by a space.
-_ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |\Z)")
-_LINE_END_SPACE = b" \t\r"
-_REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\Z)")
+# first in the text of each line, followed by a space. Matched from the text's start, after the code.
+_ENHANCED_STATUS = re.compile(rb"[ \t\r]*([245]\.[0-9]{1,3}\.[0-9]{1,3})(?= |[ \t\r]*\Z)")
 
 
 class Reply(NamedTuple):
@@ -38,25 +38,32 @@ class Reply(NamedTuple):
 
     @classmethod
     def parse(cls, lines: Sequence[bytes]) -> Reply:
-        """One reply from its lines as they came (`250-first`, ..., `250 last`, without CRLF). The last
-        line's code is the reply's; text is UTF-8, with undecodable bytes kept as surrogate escapes.
+        """One reply from its lines as they came (`250-first`, ..., `250 last`, without the LF; a CR
+        before it is dropped). The last line's code is the reply's; text is UTF-8, with undecodable bytes
+        kept as surrogate escapes.
 
         Raises ValueError naming what is wrong when a line is not `ddd`, `ddd text` or `ddd-text` with a
         code from 200 to 599."""
         if not lines:
             raise ValueError("a reply has at least one line")
-        texts: list[str] = []
         for line in lines:
-            if not _REPLY_LINE.match(line):
+            if _REPLY_LINE.match(line) is None:
                 raise ValueError(f"not an SMTP reply line: {line[:80]!r}")
-            texts.append(line[4:].strip(_LINE_END_SPACE).decode("utf-8", "surrogateescape"))
-        code = int(lines[-1][:3])
-        status = None
-        match = _ENHANCED_STATUS.match(texts[0])
-        if match is not None and match[0][0] == str(code)[0]:
-            status = match[0]
-            texts = [_without_status(text, status) for text in texts]
-        return cls(code, status, tuple(texts))
+        first, last = lines[0], lines[-1]
+        match = _ENHANCED_STATUS.match(first, 4)
+        if match is None or match[1][0] != last[0]:
+            texts = [_decode(line[4:].strip(_WHITE)) for line in lines]
+            return tuple.__new__(cls, (int(last[:3]), None, tuple(texts)))
+        status = match[1]
+        texts = [_decode(first[match.end() :].strip(_WHITE))]
+        for line in lines[1:]:
+            text = line[4:].strip(_WHITE)
+            if text == status:
+                text = b""
+            elif text.startswith(status + b" "):
+                text = text[len(status) + 1 :].lstrip(_WHITE)
+            texts.append(_decode(text))
+        return tuple.__new__(cls, (int(last[:3]), status.decode("ascii"), tuple(texts)))
 
     @property
     def reply_class(self) -> ReplyClass:
@@ -89,7 +96,9 @@ class Reply(NamedTuple):
 
     def one_line(self) -> str:
         """The reply as the relay gives it to its client, on one line (what an aiosmtpd handler returns)."""
-        return " ".join(part for part in (str(self.code), self.status, self.text) if part)
+        head = f"{self.code} {self.status}" if self.status else str(self.code)
+        text = self.text
+        return f"{head} {text}" if text else head
 
     def wire_lines(self) -> list[bytes]:
         """The reply as a server sends it, one line per text line, the status code on each (RFC 2034),
@@ -107,9 +116,5 @@ class Reply(NamedTuple):
         return self.one_line()
 
 
-def _without_status(text: str, status: str) -> str:
-    if text == status:
-        return ""
-    if text.startswith(status + " "):
-        return text[len(status) + 1 :].lstrip(" \t")
-    return text
+def _decode(text: bytes) -> str:
+    return text.decode("utf-8", "surrogateescape")

@@ -161,7 +161,7 @@ class ReplyReader(asyncio.Protocol):
     def _split(self) -> None:
         start = 0
         while (end := self._buffer.find(b"\n", start)) != -1:
-            line = bytes(self._buffer[start : end - 1 if self._buffer[end - 1 : end] == b"\r" else end])
+            line = bytes(self._buffer[start:end])
             start = end + 1
             self._lines.append(line)
             if line[3:4] != b"-":  # "250 ..." ends a reply, "250-..." continues it
