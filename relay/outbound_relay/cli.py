@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from outbound_relay.config import ConfigError, load_config
-from outbound_relay.delivery import Generation, Overrides
+from outbound_relay.generation import Generation, Overrides
+from outbound_relay.pool import release_free_memory
 from outbound_relay.redaction import REDACTED, SecretRedactor
 from outbound_relay.scopes import Route, ScopeIndex, Sourced, level_of
-from outbound_relay.upstream import release_free_memory
 
 log = logging.getLogger("outbound_relay")
 

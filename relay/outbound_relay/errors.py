@@ -7,23 +7,19 @@ Reply texts never carry passwords or tokens.
 
 from __future__ import annotations
 
+from outbound_relay.reply import Reply
+
 
 class RelayError(Exception):
     """A transaction ends with this reply to the client."""
 
     def __init__(self, code: int, status: str, text: str) -> None:
         super().__init__(f"{code} {status} {text}")
-        self.code = code
-        self.status = status
-        self.text = text
-
-    @property
-    def reply(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
+        self.reply = Reply.of(code, status, text)
 
     @property
     def temporary(self) -> bool:
-        return self.code < 500
+        return not self.reply.is_permanent
 
 
 class UpstreamUnavailable(RelayError, ConnectionError):

@@ -15,10 +15,12 @@ from aiosmtpd.smtp import SMTP
 from prometheus_client import start_http_server
 
 from outbound_relay.config import ConfigError, fingerprint
-from outbound_relay.delivery import DOT_ATOM_ADDRESS, NO_OVERRIDES, Generation, Overrides, RelayHandler
+from outbound_relay.delivery import RelayHandler
+from outbound_relay.generation import NO_OVERRIDES, Generation, Overrides
 from outbound_relay.metrics import RelayMetrics
+from outbound_relay.pool import UpstreamPool
 from outbound_relay.redaction import SecretRedactor
-from outbound_relay.upstream import UpstreamPool
+from outbound_relay.session import DOT_ATOM_ADDRESS
 
 log = logging.getLogger(__name__)
 

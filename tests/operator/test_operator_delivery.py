@@ -20,7 +20,7 @@ from kubernetes import client
 from outbound_operator.render import ca_key
 from outbound_operator.resources import RENDERED_SECRET
 from outbound_relay.config import ListenConfig, MetricsConfig
-from outbound_relay.delivery import Generation
+from outbound_relay.generation import Generation
 from outbound_relay.server import RelayServer
 from tests.operator.cluster import Objects
 from tests.operator.conftest import StartOperator

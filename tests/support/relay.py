@@ -11,7 +11,7 @@ from typing import Any
 import aiosmtplib
 import yaml
 
-from outbound_relay.delivery import Generation
+from outbound_relay.generation import Generation
 from outbound_relay.server import RelayServer
 from tests.peers.certs import TLSFiles
 

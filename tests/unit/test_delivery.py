@@ -392,12 +392,12 @@ async def test_smtputf8_address_is_refused_when_the_upstream_lacks_it(
 async def test_a_bug_in_the_relay_is_a_temporary_failure(
     tls: TLSFiles, config_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import outbound_relay.delivery
+    from outbound_relay.session import UpstreamSession
 
     async def broken(*args: object) -> str:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(outbound_relay.delivery, "_transaction", broken)
+    monkeypatch.setattr(UpstreamSession, "send", broken)
     async with upstream_for(tls) as up, seeded_relay(up, tls, config_path) as relay:
         outcome = await submit(relay.port, ["b@sparkpost.com"], message())
         metrics = relay.metrics.render().decode()
@@ -406,12 +406,12 @@ async def test_a_bug_in_the_relay_is_a_temporary_failure(
 
 
 def test_wire_data_keeps_lone_cr_and_fixes_bare_lf() -> None:
-    from outbound_relay.delivery import _wire_data
+    from outbound_relay.session import encode_data
 
-    assert _wire_data(b"From: a@b\r\r\nSubject: s\r\n\r\nbody") == (
+    assert encode_data(b"From: a@b\r\r\nSubject: s\r\n\r\nbody") == (
         b"From: a@b\r\r\nSubject: s\r\n\r\nbody\r\n.\r\n"
     )
-    assert _wire_data(b"Subject: s\n\n.hidden\nend") == b"Subject: s\r\n\r\n..hidden\r\nend\r\n.\r\n"
+    assert encode_data(b"Subject: s\n\n.hidden\nend") == b"Subject: s\r\n\r\n..hidden\r\nend\r\n.\r\n"
 
 
 async def test_max_connections_change_applies_on_reload(tls: TLSFiles, config_path: Path) -> None:

@@ -11,7 +11,7 @@ import aiosmtplib
 import yaml
 
 from outbound_relay.config import parse_config
-from outbound_relay.delivery import Generation, Overrides
+from outbound_relay.generation import Generation, Overrides
 from outbound_relay.server import RelayServer
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, running_relay, submit, write_config

@@ -1,4 +1,4 @@
-"""A pool drained by its idle timeout gives the C heap's free pages back (upstream.release_free_memory)."""
+"""A pool drained by its idle timeout gives the C heap's free pages back (pool.release_free_memory)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from outbound_relay import upstream
+from outbound_relay import pool
 from tests.peers.certs import TLSFiles
 from tests.support.relay import catch_all_policy, message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream
 
 
 def test_release_free_memory_runs_here() -> None:
-    upstream.release_free_memory()  # glibc: trims; elsewhere: only collects
+    pool.release_free_memory()  # glibc: trims; elsewhere: only collects
 
 
 async def test_drained_pool_releases_memory_once(
     tls: TLSFiles, config_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     releases: list[int] = []
-    monkeypatch.setattr(upstream, "release_free_memory", lambda: releases.append(1))
+    monkeypatch.setattr(pool, "release_free_memory", lambda: releases.append(1))
     async with AuthUpstream(tls, users={"u": "p"}) as up:
         write_config(
             config_path,

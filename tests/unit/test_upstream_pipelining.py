@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import AnyStr
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from outbound_relay.reply import Reply
 from outbound_relay.server import RelayServer
-from outbound_relay.upstream import Reply, ReplyReader, UpstreamConnection, UpstreamDropped
+from outbound_relay.session import ReplyReader, SessionDropped, UpstreamSession
 from tests.peers.certs import TLSFiles
 from tests.support.relay import catch_all_policy, message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream, _Handler
@@ -25,10 +27,10 @@ async def test_reader_splits_replies_however_they_arrive() -> None:
     reader.data_received(b"ond\r\n250 last\r\n")
     replies = [await reader.read(1) for _ in range(4)]
     assert replies == [
-        Reply(250, "2.1.0 Ok"),
-        Reply(250, "2.1.5 Ok"),
-        Reply(354, "End data with <CR><LF>.<CR><LF>"),
-        Reply(250, "first\nsecond\nlast"),
+        Reply(250, "2.1.0", ("Ok",)),
+        Reply(250, "2.1.5", ("Ok",)),
+        Reply(354, None, ("End data with <CR><LF>.<CR><LF>",)),
+        Reply(250, None, ("first", "second", "last")),
     ]
 
 
@@ -36,8 +38,8 @@ async def test_reader_hands_out_replies_before_the_failure_that_followed() -> No
     reader = ReplyReader()
     reader.data_received(b"250 Ok\r\n")
     reader.connection_lost(None)
-    assert await reader.read(1) == Reply(250, "Ok")
-    with pytest.raises(UpstreamDropped, match="connection closed"):
+    assert await reader.read(1) == Reply(250, None, ("Ok",))
+    with pytest.raises(SessionDropped, match="connection closed"):
         await reader.read(1)
 
 
@@ -45,8 +47,8 @@ async def test_reader_waits_for_a_reply_and_times_out() -> None:
     reader = ReplyReader()
     loop = asyncio.get_running_loop()
     loop.call_later(0.01, reader.data_received, b"221 Bye\r\n")
-    assert await reader.read(1) == Reply(221, "Bye")
-    with pytest.raises(UpstreamDropped, match=r"no reply within 0\.05s"):
+    assert await reader.read(1) == Reply(221, None, ("Bye",))
+    with pytest.raises(SessionDropped, match=r"no reply within 0\.05s"):
         await reader.read(0.05)
 
 
@@ -54,7 +56,7 @@ async def test_reader_waits_for_a_reply_and_times_out() -> None:
 async def test_reader_refuses_what_is_not_smtp(garbage: bytes) -> None:
     reader = ReplyReader()
     reader.data_received(garbage)
-    with pytest.raises(UpstreamDropped):
+    with pytest.raises(SessionDropped):
         await reader.read(1)
 
 
@@ -69,11 +71,24 @@ class _PipeliningHandler(_Handler):
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
 
+class _ClosingSMTP(SMTP):
+    """Closes the session right after a 421, as RFC 5321 3.8 has a server do (aiosmtpd itself does not),
+    so that nothing answers the commands pipelined behind it."""
+
+    async def push(self, status: AnyStr) -> None:
+        await super().push(status)
+        code = status[:3]
+        if (code == "421" or code == b"421") and self.transport is not None:
+            self.transport.close()
+
+
 class PipeliningUpstream(AuthUpstream):
     """AuthUpstream that offers PIPELINING: aiosmtpd reads commands line by line, so it takes them."""
 
+    protocol: type[SMTP] = SMTP
+
     def _smtp(self) -> SMTP:
-        return SMTP(
+        return self.protocol(
             _PipeliningHandler(self.state),
             hostname="upstream.test",
             authenticator=self._authenticate,
@@ -84,7 +99,7 @@ class PipeliningUpstream(AuthUpstream):
         )
 
 
-def pooled(relay: RelayServer) -> list[UpstreamConnection]:
+def pooled(relay: RelayServer) -> list[UpstreamSession]:
     return [conn for slot in relay.pool._slots.values() for conn in slot.idle]
 
 
@@ -131,3 +146,22 @@ async def test_pipelined_data_refusal_is_passed_back(tls: TLSFiles, config_path:
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, ["b@example.com"], message())
     assert outcome.data_reply == (554, "5.6.0 Content rejected")
+
+
+async def test_421_to_a_pipelined_rcpt_is_passed_on_and_the_session_replaced(
+    tls: TLSFiles, config_path: Path
+) -> None:
+    up = PipeliningUpstream(tls, users={"u": "p"})
+    up.protocol = _ClosingSMTP
+    async with up:
+        up.state.rcpt_replies["busy@example.com"] = "421 4.3.2 Shutting down"
+        write_config(config_path, {"policies": [catch_all_policy(up.port, tls)]})
+        async with running_relay(config_path) as relay:
+            refused = await submit(relay.port, ["busy@example.com"], message())
+            after = await submit(relay.port, ["ok@example.com"], message())
+            metrics = relay.metrics.render().decode()
+    assert refused.data_reply == (421, "4.3.2 Shutting down")
+    assert after.code == 250
+    assert [r.rcpt_tos for r in up.received] == [("ok@example.com",)]
+    assert up.state.connections == 2
+    assert 'outbound_relay_messages_total{result="deferred"} 1.0' in metrics

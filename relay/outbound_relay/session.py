@@ -1,0 +1,520 @@
+"""One authenticated SMTP session with an upstream server, from connect to QUIT, and the transactions it
+carries. The pool (pool.py) only leases these; a session that errs marks itself broken and is closed,
+never leased again.
+
+aiosmtplib does the handshake: connect, STARTTLS, EHLO and AUTH (PLAIN, LOGIN, XOAUTH2). Then the session
+takes over the transport's reads with a `ReplyReader`, because aiosmtplib reads exactly one reply per
+command it sent and so cannot pipeline (RFC 2920): with PIPELINING, MAIL, RCPT and (for one recipient)
+DATA go out in one write, which saves two round trips and two writes per message.
+
+Each part of the conversation has one place:
+- `_authenticate`: AUTH, with the mechanism and credentials the route resolved to;
+- `_mail_command`, `_rcpt_command`: the envelope's command lines and their parameters;
+- `encode_data`: the message as DATA sends it;
+- `Reply.parse` (reply.py), called by `ReplyReader`: every reply after the handshake;
+- `_read`: what a 421 means (RFC 5321 3.8: the server is closing the session);
+- `send`: the transaction, its refusals, RSET, and what a lost connection means for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import ssl
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, cast
+
+import aiosmtplib
+from aiosmtplib import SMTPStatus
+from aiosmtplib.email import quote_address
+
+from outbound_relay.config import AuthType, TlsMode, TlsSettings
+from outbound_relay.errors import RouteMisconfigured, UpstreamAuthFailed, UpstreamUnavailable
+from outbound_relay.metrics import AuthResult, RelayMetrics
+from outbound_relay.reply import Reply
+from outbound_relay.scopes import Route
+
+log = logging.getLogger(__name__)
+
+# RFC 5321 4.1.1.4: lines end in CRLF; a bare LF becomes one. A lone CR is left as it is: turning it into
+# a line end could split a header line and end the header block early. A line starting with "." gets another.
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+# An RFC 5321 Mailbox whose local part and domain are both dot-atoms: nearly every envelope address.
+# For these, the full RFC 5322 parsers (aiosmtpd's on the way in, aiosmtplib's on the way out) only give
+# back the same text, at a cost that showed in profiles; anything else still goes through them.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+DOT_ATOM_ADDRESS = rf"{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*"
+_SIMPLE_ADDRESS = re.compile(rf"{DOT_ATOM_ADDRESS}\Z")
+
+# RFC 5321 4.5.3.1.5 allows 512 octets a reply line; a server that sends far more is not talking SMTP.
+MAX_REPLY_BYTES = 64 * 1024
+
+_RCPT_ACCEPTED = (SMTPStatus.completed, SMTPStatus.will_forward)
+
+
+class UpstreamKey(NamedTuple):
+    """What makes two sessions interchangeable: the same server, TLS settings and credentials."""
+
+    host: str
+    port: int
+    tls_mode: TlsMode
+    verify: bool
+    ca_file: Path | None
+    identity: str  # a digest of mechanism, user and password (Route.identity)
+
+    @classmethod
+    def of(cls, route: Route) -> UpstreamKey:
+        if route.gateway is None:
+            raise RouteMisconfigured(
+                f"no gateway for domain {route.domain} on binding {route.binding}: "
+                "set gateway in a policy of this scope or a wider one"
+            )
+        gateway, tls = route.gateway.value, route.tls.value
+        return cls(gateway.host, gateway.port, tls.mode, tls.verify, tls.ca_file, route.identity())
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One message for the upstream: the envelope as the client gave it and the content to send."""
+
+    mail_from: str  # "" for the null sender
+    rcpt_tos: tuple[str, ...]
+    content: bytes
+    smtp_utf8: bool = False  # the client said SMTPUTF8 on MAIL (RFC 6531)
+
+
+class SessionDropped(ConnectionError):
+    """The session ended or broke while we waited for a reply: closed, reset, garbled or timed out."""
+
+
+class _Closing(SessionDropped):
+    """The upstream answered 421: it is closing the session (RFC 5321 3.8)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.one_line())
+        self.reply = reply
+
+
+class StaleSession(Exception):
+    """A reused session failed before anything of the transaction reached the upstream: the session is
+    broken, and sending the transaction again on a fresh one is safe."""
+
+
+class TlsContexts:
+    """One SSL context per (verify, caFile), shared by the sessions that use them."""
+
+    def __init__(self) -> None:
+        self._contexts: dict[tuple[bool, Path | None], ssl.SSLContext] = {}
+
+    def clear(self) -> None:
+        """Forget them: a CA file is read anew (a rotated caFile keeps its path) for the next session."""
+        self._contexts.clear()
+
+    def get(self, tls: TlsSettings) -> ssl.SSLContext | None:
+        if tls.mode is TlsMode.NONE:
+            return None
+        cache_key = (tls.verify, tls.ca_file)
+        context = self._contexts.get(cache_key)
+        if context is None:
+            try:
+                context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+            except (OSError, ssl.SSLError) as error:
+                raise RouteMisconfigured(f"tls.caFile {tls.ca_file} cannot be used: {error}") from None
+            if not tls.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._contexts[cache_key] = context
+        return context
+
+
+class ReplyReader(asyncio.Protocol):
+    """The protocol of a session's transport once it is authenticated: splits what arrives into SMTP
+    replies, however many a read brings, and hands them out in order."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._lines: list[bytes] = []  # the lines so far of a multiline reply
+        self._replies: deque[Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: SessionDropped | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            self._split()
+        except ValueError as error:
+            self._fail(SessionDropped(f"malformed reply: {error}"))
+        if len(self._buffer) > MAX_REPLY_BYTES:
+            self._fail(SessionDropped("reply too long"))
+        self._wake()
+
+    def _split(self) -> None:
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) != -1:
+            line = bytes(self._buffer[start:end])
+            start = end + 1
+            self._lines.append(line)
+            if line[3:4] != b"-":  # "250 ..." ends a reply, "250-..." continues it
+                lines, self._lines = self._lines, []
+                self._replies.append(Reply.parse(lines))
+        del self._buffer[:start]
+
+    def eof_received(self) -> bool:
+        self._fail(SessionDropped("the upstream closed the connection"))
+        return False  # and the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "connection closed"
+        self._fail(SessionDropped(reason))
+
+    def _fail(self, error: SessionDropped) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self, patience: float) -> Reply:
+        """The next reply; replies that arrived before a failure are still handed out first."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(patience, self._fail, SessionDropped(f"no reply within {patience:g}s"))
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self._replies.popleft()
+
+
+class UpstreamSession:
+    """An authenticated session with one upstream: `open` it, `send` transactions on it, `close` it."""
+
+    def __init__(self, key: UpstreamKey, smtp: aiosmtplib.SMTP, *, timeout: float) -> None:
+        self.key = key
+        self.timeout = timeout  # for each reply; the pool sets it anew when a reload changed it
+        self.reused = False  # set by the pool when it leases the session out again
+        self.broken = False  # it erred, or the upstream is closing it: closed, never leased again
+        self.closed = False
+        self.last_used = time.monotonic()
+        self.pipelining = False  # the server offers PIPELINING (RFC 2920)
+        self.eight_bit_mime = False  # the server offers 8BITMIME
+        self.smtputf8 = False  # the server offers SMTPUTF8 (RFC 6531)
+        self._smtp = smtp
+        self._transport: asyncio.WriteTransport | None = None
+        self._reader: ReplyReader | None = None
+
+    # -- the handshake -------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        key: UpstreamKey,
+        route: Route,
+        *,
+        tls_context: ssl.SSLContext | None,
+        local_hostname: str,
+        connect_timeout: float,
+        reply_timeout: float,
+        metrics: RelayMetrics,
+    ) -> UpstreamSession:
+        """Connect, STARTTLS and EHLO as `route.tls` says, then AUTH if the route has a mechanism."""
+        smtp = aiosmtplib.SMTP(
+            hostname=key.host,
+            port=key.port,
+            local_hostname=local_hostname,
+            timeout=reply_timeout,
+            use_tls=key.tls_mode is TlsMode.IMPLICIT,
+            start_tls=False,
+            tls_context=tls_context,
+        )
+        session = cls(key, smtp, timeout=reply_timeout)
+        try:
+            await session._handshake(tls_context, connect_timeout)
+            if route.type is not None:
+                await session._authenticate(route, metrics)
+        except BaseException:
+            await session.close()
+            raise
+        session._take_over()
+        return session
+
+    async def _handshake(self, context: ssl.SSLContext | None, connect_timeout: float) -> None:
+        smtp, key = self._smtp, self.key
+        try:
+            await smtp.connect(timeout=connect_timeout)
+            await smtp.ehlo()
+            if key.tls_mode is TlsMode.STARTTLS:
+                if not smtp.supports_extension("starttls"):
+                    raise UpstreamAuthFailed(
+                        f"upstream {key} does not offer STARTTLS and tls.mode is starttls; "
+                        "refusing to send mail or credentials in clear"
+                    )
+                await smtp.starttls(tls_context=context)
+                await smtp.ehlo()  # RFC 3207: forget what was learnt before TLS; AUTH is offered anew
+        except ssl.SSLError as error:
+            raise UpstreamUnavailable(f"TLS with upstream {key} failed: {error.reason or error}") from None
+        except aiosmtplib.SMTPResponseException as error:
+            raise UpstreamUnavailable(
+                f"upstream {key} refused the session: {error.code} {error.message}"
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as error:
+            raise UpstreamUnavailable(f"cannot reach upstream {key}: {_reason(error)}") from None
+
+    async def _authenticate(self, route: Route, metrics: RelayMetrics) -> None:
+        assert route.type is not None
+        mechanism = route.type.value
+        where = f"upstream {self.key} (AUTH {mechanism} as set by {route.type.source})"
+        if route.user is None or route.password is None:
+            missing = "user" if route.user is None else "password"
+            raise RouteMisconfigured(
+                f"AUTH {mechanism} from {route.type.source} needs a {missing}, and no scope gives one"
+            )
+        smtp = self._smtp
+        if mechanism.lower() not in smtp.server_auth_methods:
+            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
+            offered = " ".join(smtp.server_auth_methods).upper() or "no AUTH at all"
+            raise UpstreamAuthFailed(f"{where} does not offer it; it offers {offered}")
+        if self.key.tls_mode is TlsMode.NONE:
+            metrics.plaintext_auth.inc()
+            log.warning("sending AUTH %s to %s without TLS, as tls.mode: none says", mechanism, self.key)
+        user, secret = route.user.value, route.password.value.get_secret_value()
+        try:
+            if mechanism is AuthType.PLAIN:
+                await smtp.auth_plain(user, secret)
+            elif mechanism is AuthType.LOGIN:
+                await smtp.auth_login(user, secret)
+            else:
+                await smtp.auth_xoauth2(user, secret)
+        except aiosmtplib.SMTPAuthenticationError as error:
+            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.FAILURE).inc()
+            raise UpstreamAuthFailed(
+                f"authentication to {where} failed: {error.code} {_one_line(error.message)}"
+            ) from None
+        except (aiosmtplib.SMTPException, OSError) as error:
+            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
+            raise UpstreamUnavailable(f"AUTH with {where} did not complete: {_reason(error)}") from None
+        metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.SUCCESS).inc()
+
+    def _take_over(self) -> None:
+        """From now on, commands go through `_write` and `_read`, no longer through aiosmtplib."""
+        smtp = self._smtp
+        self.pipelining = smtp.supports_extension("pipelining")
+        self.eight_bit_mime = smtp.supports_extension("8bitmime")
+        self.smtputf8 = smtp.supports_extension("smtputf8")
+        assert smtp.transport is not None, "connected"
+        # uvloop's transports are not asyncio.WriteTransport subclasses, but write like one.
+        self._transport, self._reader = cast(asyncio.WriteTransport, smtp.transport), ReplyReader()
+        self._transport.set_protocol(self._reader)
+
+    # -- the session's state -------------------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return self._smtp.is_connected and not (self._transport is not None and self._transport.is_closing())
+
+    @property
+    def usable(self) -> bool:
+        """Connected and not broken: it may carry another transaction."""
+        return not self.broken and self.is_connected
+
+    async def close(self, patience: float = 2) -> bool:
+        """Say QUIT if the session is usable, waiting at most `patience` seconds for the reply, then
+        close it. True the first time, so that whoever counts open sessions counts each once."""
+        if self.usable:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                if self._reader is None:
+                    await asyncio.wait_for(self._smtp.quit(), patience)
+                else:
+                    self._write(b"QUIT\r\n")
+                    await self._reader.read(patience)
+        self._smtp.close()
+        first, self.closed = not self.closed, True
+        return first
+
+    # -- the wire ------------------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        """Write one or more command lines (or message data): buffered, the reply says how it went."""
+        if self._transport is None or self._transport.is_closing():
+            raise SessionDropped("connection closed")
+        self._transport.write(data)
+
+    async def _read(self) -> Reply:
+        assert self._reader is not None, "the handshake is done"
+        reply = await self._reader.read(self.timeout)
+        if reply.code == SMTPStatus.domain_unavailable:
+            self.broken = True
+            raise _Closing(reply)
+        return reply
+
+    def _mail_command(self, message: Transaction) -> bytes:
+        params = (b" BODY=8BITMIME" if self.eight_bit_mime else b"") + (
+            b" SMTPUTF8" if message.smtp_utf8 and self.smtputf8 else b""
+        )
+        return b"MAIL FROM:" + _path(message.mail_from, message.smtp_utf8) + params + b"\r\n"
+
+    def _rcpt_command(self, rcpt: str, message: Transaction) -> bytes:
+        return b"RCPT TO:" + _path(rcpt, message.smtp_utf8) + b"\r\n"
+
+    # -- the transaction -----------------------------------------------------------------------------
+
+    async def send(self, message: Transaction) -> Reply:
+        """MAIL, RCPT, DATA: the upstream's reply to the message, or the refusal to pass on. With
+        PIPELINING the commands go out in one write and their replies are read after it (RFC 2920);
+        DATA joins them only for one recipient, since a refusal among several must not leave the others
+        to get the message.
+
+        Raises StaleSession when a reused session fails before anything reached the upstream, and
+        UpstreamUnavailable when the connection fails otherwise."""
+        if message.smtp_utf8 and not self.smtputf8 and not _all_ascii(message):
+            return Reply.of(
+                553, "5.6.7", f"upstream {self.key} does not offer SMTPUTF8, which these addresses need"
+            )
+        mail = self._mail_command(message)
+        rcpts = [self._rcpt_command(rcpt, message) for rcpt in message.rcpt_tos]
+        data_in_group = self.pipelining and len(rcpts) == 1
+        try:
+            if self.pipelining:
+                self._write(b"".join([mail, *rcpts, b"DATA\r\n" if data_in_group else b""]))
+            else:
+                self._write(mail)
+            mail_reply = await self._read()
+        except OSError as error:  # _Closing too: at MAIL, a 421 is a session that had gone stale
+            self.broken = True
+            if self.reused:
+                raise StaleSession(str(error) or type(error).__name__) from None
+            raise UpstreamUnavailable(f"upstream {self.key} failed at MAIL: {error}") from None
+        try:
+            return await self._after_mail(message, mail_reply, rcpts, data_in_group)
+        except _Closing as closing:
+            return closing.reply  # a transient refusal, passed on as it is
+        except OSError as error:
+            self.broken = True
+            raise UpstreamUnavailable(
+                f"upstream {self.key} failed during the transaction ({error or type(error).__name__}); "
+                "if DATA was sent, the message may have been delivered"
+            ) from None
+
+    async def _after_mail(
+        self, message: Transaction, mail_reply: Reply, rcpts: list[bytes], data_in_group: bool
+    ) -> Reply:
+        mail_accepted = mail_reply.code == SMTPStatus.completed
+        refused: list[tuple[str, Reply]] = []
+        # Pipelined, every RCPT has a reply to read; one at a time, none is sent after a failed MAIL.
+        if self.pipelining or mail_accepted:
+            for rcpt, line in zip(message.rcpt_tos, rcpts, strict=True):
+                if not self.pipelining:
+                    self._write(line)
+                reply = await self._read()
+                if reply.code not in _RCPT_ACCEPTED:
+                    refused.append((rcpt, reply))
+        data_reply = await self._read() if data_in_group else None
+        if not mail_accepted or refused:
+            if data_reply is not None and data_reply.code == SMTPStatus.start_input:
+                # RFC 2920 3.1: DATA was taken with no valid recipient; an empty message ends it.
+                self._write(b".\r\n")
+                await self._read()
+            await self._reset()
+            if not mail_accepted:
+                return _refused(mail_reply, "MAIL")
+            return _refusal(refused, len(rcpts))
+        if data_reply is None:
+            self._write(b"DATA\r\n")
+            data_reply = await self._read()
+        if data_reply.code != SMTPStatus.start_input:
+            await self._reset()
+            return _refused(data_reply, "DATA")
+        self._write(encode_data(message.content))
+        final = await self._read()
+        if final.is_positive:
+            return final
+        await self._reset()
+        return _refused(final, "the message")
+
+    async def _reset(self) -> None:
+        """RSET after a refusal, so that the session can carry the next transaction; if that fails, it
+        cannot, and is closed."""
+        try:
+            self._write(b"RSET\r\n")
+            if (await self._read()).code != SMTPStatus.completed:
+                self.broken = True
+        except OSError:
+            self.broken = True
+
+
+def encode_data(content: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends, a final CRLF, dots doubled, then the end mark."""
+    content = _BARE_LF.sub(b"\r\n", content)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    return _LEADING_DOT.sub(b"..", content) + b".\r\n"
+
+
+def _path(address: str, smtp_utf8: bool) -> bytes:
+    """`<address>` for MAIL FROM / RCPT TO; only unusual addresses pay for aiosmtplib's parser."""
+    if _SIMPLE_ADDRESS.match(address):
+        return b"<" + address.encode("ascii") + b">"
+    if smtp_utf8:
+        return b"<" + address.encode("utf-8") + b">"  # RFC 6531: sent as the app gave it
+    return quote_address(address).encode("ascii")
+
+
+def _all_ascii(message: Transaction) -> bool:
+    return message.mail_from.isascii() and all(rcpt.isascii() for rcpt in message.rcpt_tos)
+
+
+def _refused(reply: Reply, stage: str) -> Reply:
+    """The upstream's refusal, passed on; a 2xx or 3xx where a refusal was expected is a broken or
+    confused upstream, and must never reach the app as a success."""
+    if reply.code >= 400:
+        return reply
+    return Reply.of(
+        451, "4.5.0", f"upstream answered {reply.code} to {stage}, which SMTP does not allow there"
+    )
+
+
+def _refusal(refused: list[tuple[str, Reply]], total: int) -> Reply:
+    """The one reply to the message when the upstream refused some recipients. Delivering to the rest
+    would leave the client unable to tell who got the message, so nothing is sent: the client hears why
+    and which."""
+    if total == 1:
+        return _refused(refused[0][1], "RCPT")
+    temporary = [(rcpt, reply) for rcpt, reply in refused if reply.code < 500]
+    _, first = (temporary or refused)[0]
+    if first.code < 400:
+        return _refused(first, "RCPT")
+    names = ", ".join(rcpt for rcpt, _ in refused)
+    return first._replace(
+        lines=(
+            *first.lines,
+            f"(upstream refused {len(refused)} of {total} recipients: {names}; "
+            "nothing was delivered, send the others again without them)",
+        )
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    return _one_line(text)
