@@ -11,7 +11,6 @@ read its `/proc/<pid>/environ`, `mem` or `maps` (prctl(2)).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import resource
 import sys
@@ -31,6 +30,6 @@ def disable_core_dumps() -> None:
         log.warning("could not set the core file size limit to 0: %s", error)
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # the interpreter's own symbols include libc's
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed: errno %d", ctypes.get_errno())

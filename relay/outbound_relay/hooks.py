@@ -151,7 +151,7 @@ def _apply(state: MessageState, msg: HookMessage) -> None:
 
 
 class _Job(Generic[T]):
-    __slots__ = ("abandoned", "function", "future", "loop", "started_at")
+    __slots__ = ("abandoned", "finished_at", "function", "future", "loop", "started_at")
 
     def __init__(self, function: Callable[[], T], loop: asyncio.AbstractEventLoop) -> None:
         self.function = function
@@ -159,6 +159,7 @@ class _Job(Generic[T]):
         self.future: asyncio.Future[T] = loop.create_future()
         self.abandoned = False
         self.started_at: float | None = None  # monotonic, set by the thread that takes it
+        self.finished_at: float | None = None  # monotonic, set by that thread when the function returns
 
 
 def _settle(job: _Job[Any], value: Any, error: BaseException | None) -> None:
@@ -216,6 +217,7 @@ class _Workers:
                 value = job.function()
             except BaseException as caught:  # handed to the awaiting task, which owns the error
                 error = caught
+            job.finished_at = time.monotonic()
             del self._running[me]
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for this any more
                 job.loop.call_soon_threadsafe(_settle, job, value, error)
@@ -402,6 +404,10 @@ class HookChain:
                 try:
                     return await asyncio.wait_for(asyncio.shield(job.future), remaining)
                 except TimeoutError:
+                    if job.finished_at is not None and job.started_at is not None:
+                        if job.finished_at - job.started_at <= seconds:
+                            return await job.future  # done in time; only its hand-over to the loop is late
+                        raise
                     if job.started_at is not None:
                         remaining = job.started_at + seconds - time.monotonic()
                     elif self._python_workers.all_stuck():

@@ -10,12 +10,12 @@ The sandbox, from the trusted side (the prelude below runs before any hook code,
 - the string metatable is locked, `setmetatable` refuses `__gc` (a finalizer would run outside the limits),
   and the trusted code never calls a hook's metamethods (`rawequal`, `rawget`, no `tostring` on its values);
 - a count hook, installed before each call, compares the process's CPU time (the worker process's, see
-  lua_worker.py) with the call's deadline every `CHECK_EVERY` instructions; past it, the hook fires on
+  lua_process.py) with the call's deadline every `CHECK_EVERY` instructions; past it, the hook fires on
   every instruction, so a `pcall` cannot swallow it;
 - `max_memory` makes allocations past the limit fail with "not enough memory" (`string.rep` bombs);
 - `msg` is a Lua table whose methods are trusted Lua closures: no Python object is reachable from hooks.
 Time spent inside one C function (a pathological pattern match) is not seen by the count hook; the relay
-runs the sandbox in a worker process (lua_worker.py) with a CPU-time timer that kills it there.
+runs the sandbox in a worker process (lua_process.py) with a CPU-time timer that kills it there.
 """
 
 from __future__ import annotations

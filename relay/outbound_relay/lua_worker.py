@@ -2,8 +2,9 @@
 
 Why a process: a pattern match that backtracks (`s:find('(.-)x(.-)x(.-)y')` on a long header) runs inside
 one C call, where Lua's count hook never fires; no thread can be stopped there, but a process can. The
-worker (`python -m outbound_relay.lua_worker`) holds the sandbox (lua_sandbox.py) and answers one message
-at a time over its stdin/stdout: frames of a 4-byte big-endian length and a JSON object.
+worker (`python -m outbound_relay.lua_process`) holds the sandbox (lua_sandbox.py) and answers one
+message at a time over its stdin/stdout: frames of a 4-byte big-endian length and a JSON object. This
+module is the relay's side.
 
 Deadlines are the worker's own CPU time, from the moment it takes the message: the sandbox's count hook
 stops a looping hook after `timeoutMs` of CPU (`os.clock()`, now the worker's clock, not the relay's),
@@ -23,17 +24,17 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from outbound_relay.hook_state import (
     MAX_BINDING_BYTES,
@@ -42,23 +43,22 @@ from outbound_relay.hook_state import (
     MAX_CONTEXT_VALUE_BYTES,
     LuaScript,
 )
+from outbound_relay.lua_process import FRAME, MAX_PRINTS, cpu_budget_s, encode
 
 T = TypeVar("T")
+logger = logging.getLogger("outbound_relay.hooks")
 
-WORKER_ARGV: tuple[str, ...] = (sys.executable, "-I", "-m", "outbound_relay.lua_worker")
-FRAME: Final = struct.Struct(">I")
+WORKER_ARGV: tuple[str, ...] = (sys.executable, "-I", "-m", "outbound_relay.lua_process")
 MAX_REPLY_BYTES: Final = 4 * MAX_CONTEXT_KEYS * (MAX_CONTEXT_KEY_BYTES + 2 * MAX_CONTEXT_VALUE_BYTES) + (
     1 << 20
 )
-LUA_GRACE_S: Final = 0.010  # the CPU timer: hooks x timeout + max(this, timeout); the count hook comes first
-LOAD_CPU_S: Final = 1.0  # per file: the sandbox's limit on top-level code
 START_WALL_S: Final = 30.0  # interpreter start, imports and loading the files, on a loaded machine
 MIN_BACKSTOP_S: Final = 1.0
 MAX_WAITING: Final = 1024  # messages queued for the worker; past it, fail at once rather than pile up
 MAX_START_FAILURES: Final = 3  # consecutive failed starts: the relay can no longer run Lua hooks
-MAX_UNEXPECTED_DEATHS: Final = 3  # consecutive deaths that were no deadline kill (crash, OOM kill)
+MAX_TROUBLES: Final = 3  # deaths that were no deadline kill (crash, OOM kill) or failed starts...
+TROUBLE_WINDOW_S: Final = 60.0  # ...within this, with no reply in between: unhealthy
 RESTART_BACKOFF_S: Final = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
-MAX_PRINTS: Final = 20  # print() lines a call may send back to the relay's log
 
 
 class WorkerError(Exception):
@@ -84,15 +84,6 @@ class Reply:
     context: dict[str, str]
     binding: str
     prints: tuple[tuple[str, str], ...]
-
-
-def cpu_budget_s(hooks: int, timeout_ms: int) -> float:
-    return hooks * timeout_ms / 1000 + max(LUA_GRACE_S, timeout_ms / 1000)
-
-
-def encode(obj: object) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode("ascii")  # ASCII: lone surrogates survive
-    return FRAME.pack(len(body)) + body
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -151,16 +142,16 @@ def _read_frame_blocking(fd: int, deadline: float) -> bytes:
         while len(buffer) < need:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise WorkerStartError(f"no answer within {START_WALL_S:g} s")
+                raise WorkerStartError(f"did not answer within {START_WALL_S:g} s")
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise WorkerStartError("it exited")
+                raise WorkerStartError("exited before it was ready")
             buffer += chunk
         if header_done:
             return buffer[FRAME.size : need]
         (length,) = FRAME.unpack_from(buffer)
         if length > MAX_REPLY_BYTES:
-            raise WorkerStartError("it sent an oversized frame")
+            raise WorkerStartError("sent an oversized frame")
         need = FRAME.size + length
         header_done = True
 
@@ -246,18 +237,17 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _log_print(script: str, line: str) -> None:
-    import logging
-
-    logging.getLogger("outbound_relay.hooks").info("lua hook %s: print: %s", script, line)
+    logger.info("lua hook %s: print: %s", script, line)
 
 
 class _Call:
-    __slots__ = ("abandoned", "future", "request")
+    __slots__ = ("abandoned", "future", "request", "sent_at")
 
     def __init__(self, request: bytes, future: asyncio.Future[Reply]) -> None:
         self.request = request
         self.future = future
         self.abandoned = False
+        self.sent_at = 0.0  # loop time when written to the worker
 
 
 class LuaWorkers:
@@ -280,7 +270,8 @@ class LuaWorkers:
         self._restarting: asyncio.Task[None] | None = None
         self._starting: WorkerProcess | None = None  # started in a thread, not yet attached
         self._start_failures = 0
-        self._deaths = 0  # consecutive deaths that were not a deadline kill
+        # When the worker died on its own (not at a deadline) or failed to start; a reply clears it.
+        self._troubles: collections.deque[float] = collections.deque(maxlen=MAX_TROUBLES)
         self._last_failure = ""
         self._closed = False
         self._lock = threading.Lock()  # close() from another thread against the loop's own bookkeeping
@@ -303,7 +294,7 @@ class LuaWorkers:
         self._waiting.append(call)
         self._pump()
         try:
-            return await asyncio.shield(call.future)
+            return await call.future  # cancelling it is harmless: a late reply finds it done
         except BaseException:
             call.abandoned = True
             raise
@@ -314,7 +305,9 @@ class LuaWorkers:
 
     @property
     def broken(self) -> bool:
-        return self._start_failures >= MAX_START_FAILURES or self._deaths >= MAX_UNEXPECTED_DEATHS
+        """No worker can be started: calls fail at once. (A worker that keeps dying still gets calls:
+        the one that succeeds proves it healthy again.)"""
+        return self._start_failures >= MAX_START_FAILURES
 
     def health(self) -> str | None:
         """None while Lua hooks can run; else why not (for /healthz)."""
@@ -323,8 +316,12 @@ class LuaWorkers:
                 f"the Lua worker process failed to start {self._start_failures} times in a row "
                 f"(last: {self._last_failure})"
             )
-        if self._deaths >= MAX_UNEXPECTED_DEATHS:
-            return f"the Lua worker process died {self._deaths} times in a row (last: {self._last_failure})"
+        troubles = list(self._troubles)
+        if len(troubles) >= MAX_TROUBLES and troubles[0] > time.monotonic() - TROUBLE_WINDOW_S:
+            return (
+                f"the Lua worker process died or failed to start {len(troubles)} times within "
+                f"{TROUBLE_WINDOW_S:g} s without answering a message (last: {self._last_failure})"
+            )
         return None
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -366,12 +363,22 @@ class LuaWorkers:
             return
         self._in_flight = call
         assert self._loop is not None
-        self._backstop = self._loop.call_later(self._backstop_s, self._on_backstop, worker)
+        call.sent_at = self._loop.time()
+        if self._backstop is None:  # one timer re-armed as needed, not one per message
+            self._backstop = self._loop.call_at(call.sent_at + self._backstop_s, self._on_backstop)
 
-    def _on_backstop(self, worker: WorkerProcess) -> None:
-        if worker is self._worker:
-            self._killed_at_deadline = True
-            worker.kill()
+    def _on_backstop(self) -> None:
+        assert self._loop is not None
+        self._backstop = None
+        call, worker = self._in_flight, self._worker
+        if call is None or worker is None:
+            return
+        due = call.sent_at + self._backstop_s
+        if self._loop.time() < due:
+            self._backstop = self._loop.call_at(due, self._on_backstop)
+            return
+        self._killed_at_deadline = True
+        worker.kill()
 
     def _on_readable(self, worker: WorkerProcess) -> None:
         try:
@@ -397,15 +404,13 @@ class LuaWorkers:
             if call is None:
                 self._protocol_error(worker, "a reply nobody asked for")
                 return
-            if self._backstop is not None:
-                self._backstop.cancel()
             try:
                 outcome = parse_reply(frame)
             except ValueError as error:
                 self._in_flight = call
                 self._protocol_error(worker, f"a malformed reply ({error})")
                 return
-            self._deaths = 0
+            self._troubles.clear()
             if not call.future.done():
                 if isinstance(outcome, WorkerError):
                     call.future.set_exception(outcome)
@@ -425,6 +430,7 @@ class LuaWorkers:
         self._killed_at_deadline = False
         if self._backstop is not None:
             self._backstop.cancel()
+            self._backstop = None
         self._restart(failed=call, deadline_kill=deadline_kill, dead=worker)
 
     def _detach(self, *, kill: bool) -> None:
@@ -475,7 +481,7 @@ class LuaWorkers:
                             )
                         )
                 if not at_deadline:
-                    self._deaths += 1
+                    self._troubles.append(time.monotonic())
                     self._last_failure = describe_exit(returncode)
             attempt = 0
             while not self._closed:
@@ -485,6 +491,7 @@ class LuaWorkers:
                     worker = await self._in_thread(self._start_worker)
                 except WorkerStartError as error:
                     self._start_failures += 1
+                    self._troubles.append(time.monotonic())
                     self._last_failure = str(error)
                     if self.broken:
                         self._fail_all(WorkerError(f"lua hooks: {self.health()}", kind="error"))
@@ -586,113 +593,3 @@ def _unregister_and_reap(loop: asyncio.AbstractEventLoop, worker: WorkerProcess)
 def _reap_code(proc: subprocess.Popen[bytes]) -> int:
     _reap(proc)
     return proc.returncode
-
-
-# -- The worker's side --------------------------------------------------------------------------------
-
-
-def _worker_main() -> int:  # pragma: no cover (runs in the child; tests drive it through LuaWorkers)
-    from outbound_relay.hardening import disable_core_dumps
-
-    disable_core_dumps()  # it holds tokens that hooks set
-    signal.signal(signal.SIGPROF, signal.SIG_DFL)  # an inherited "ignore" would disarm the CPU deadline
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the relay's terminal is for the relay
-    replies = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # a stray write to stdout must not corrupt the protocol
-    requests = os.fdopen(0, "rb", buffering=0)
-    return _Worker(requests, replies).serve()
-
-
-class _Worker:  # pragma: no cover (runs in the child)
-    def __init__(self, requests: Any, replies: Any) -> None:
-        self._in = requests
-        self._out = replies
-        self._prints: list[tuple[str, str]] = []
-
-    def _read_exactly(self, size: int) -> bytes | None:
-        data = b""
-        while len(data) < size:
-            more = self._in.read(size - len(data))
-            if not more:
-                return None  # the relay closed the pipe or exited: so do we
-            data += more
-        return data
-
-    def _read(self) -> Any:
-        header = self._read_exactly(FRAME.size)
-        if header is None:
-            return None
-        body = self._read_exactly(FRAME.unpack(header)[0])
-        return None if body is None else json.loads(body)
-
-    def _write(self, obj: object) -> None:
-        self._out.write(encode(obj))
-
-    def _print(self, script: str, text: str) -> None:
-        if len(self._prints) < MAX_PRINTS:
-            self._prints.append((script, text[:2000]))
-
-    def serve(self) -> int:
-        import email.message
-        import email.policy
-
-        from outbound_relay.lua_sandbox import LuaHookError, LuaLoadError, LuaSandbox, MessageState
-
-        setup = self._read()
-        if setup is None:
-            return 0
-        scripts = tuple(LuaScript(name=name, source=source) for name, source in setup["scripts"])
-        timeout_ms = int(setup["timeout_ms"])
-        signal.setitimer(signal.ITIMER_PROF, LOAD_CPU_S * (2 * len(scripts) + 1))
-        try:
-            if setup["validate"]:
-                # One file at a time first, so a failure names its file, then all of them together.
-                for i, script in enumerate(scripts):
-                    try:
-                        LuaSandbox((script,), timeout_ms=timeout_ms, printer=self._print)
-                    except LuaLoadError as error:
-                        self._write({"load_error": f"hooks.lua[{i}] {script.name!r}: {error}"})
-                        return 0
-            try:
-                sandbox: LuaSandbox | None = LuaSandbox(scripts, timeout_ms=timeout_ms, printer=self._print)
-            except LuaLoadError as error:
-                self._write({"load_error": f"hooks.lua: the files fail when loaded together: {error}"})
-                return 0
-        finally:
-            signal.setitimer(signal.ITIMER_PROF, 0)
-        assert sandbox is not None
-        self._write({"hooks": [hook.name for hook in sandbox.hooks], "print": self._prints})
-        budget = cpu_budget_s(len(sandbox.hooks), timeout_ms)
-        policies = {"email": email.policy.SMTP, "compat32": email.policy.compat32}
-        while (request := self._read()) is not None:
-            self._prints = []
-            headers = email.message.Message(policy=policies[request["policy"]])
-            for name, value in request["headers"]:
-                headers.set_raw(name, value)
-            state = MessageState(
-                mailfrom=request["mailfrom"],
-                rcptto=tuple(request["rcptto"]),
-                headers=headers,
-                binding=request["binding"],
-                context=request["context"],
-            )
-            signal.setitimer(signal.ITIMER_PROF, budget)
-            try:
-                if sandbox is None or sandbox.needs_rebuild:
-                    sandbox = None
-                    sandbox = LuaSandbox(scripts, timeout_ms=timeout_ms, printer=self._print)
-                sandbox.run(state)
-                reply: dict[str, object] = {"context": state.context, "binding": state.binding}
-            except LuaLoadError as error:  # loaded fine once; a file whose top level is not deterministic
-                reply = {"error": f"lua hooks: reloading failed: {error}", "kind": "error", "hook": "lua"}
-            except LuaHookError as error:
-                reply = {"error": str(error), "kind": error.kind, "hook": error.hook}
-            finally:
-                signal.setitimer(signal.ITIMER_PROF, 0)
-            reply["print"] = self._prints
-            self._write(reply)
-        return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_worker_main())

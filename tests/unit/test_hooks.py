@@ -95,7 +95,10 @@ def lua_workers() -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat.rpartition(")")[2].split()[1]) == os.getpid() and b"outbound_relay.lua_worker" in cmdline:
+        if (
+            int(stat.rpartition(")")[2].split()[1]) == os.getpid()
+            and b"outbound_relay.lua_process" in cmdline
+        ):
             found.append(int(entry))
     return found
 

@@ -48,6 +48,11 @@ async def wait_until(condition: object, seconds: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def python_stuck(msg: PythonHookMsg) -> None:
+    if msg.header("X-Stuck"):
+        time.sleep(1.5)
+
+
 def python_naps(msg: PythonHookMsg) -> None:
     time.sleep(0.08)
     msg.context_set(VCTX_MESS, "napped", "yes")
@@ -189,15 +194,55 @@ class TestLiveness:
                 outcome = await submit(relay.port, ["a@x.org"], message())
                 assert outcome.code == 451
 
-                monkeypatch.undo()  # the next restart succeeds: healthy again, mail flows
-                await asyncio.wait_for(self._until_ok(port), 30)
-                assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+                monkeypatch.undo()  # the next restart succeeds: mail flows, and a delivery proves it healthy
+                await asyncio.wait_for(self._until_delivered(relay.port), 30)
+                assert await asyncio.to_thread(get, port, "/healthz") == (200, "ok\n")
                 metrics = (await asyncio.to_thread(get, port, "/metrics"))[1]
                 assert "outbound_relay_messages_total" in metrics
 
+    async def test_health_reports_a_worker_that_keeps_dying(self, tmp_path: Path) -> None:
+        gc.collect()  # chains of earlier tests, and their workers
+        hooks = chain(tmp_path, lua_module(STALL))
+        await hooks.run(hook_message())
+        assert hooks.health() is None
+        for _ in range(3):
+            (pid,) = lua_workers()
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: lua_workers() not in ([], [pid]))  # noqa: B023 (awaited here)
+        await wait_until(lambda: hooks.health() is not None)
+        assert (hooks.health() or "").startswith(
+            "lua hooks: the Lua worker process died or failed to start 3 "
+        )
+        good = hook_message()
+        deadline = time.monotonic() + 20
+        while True:  # the worker being started may be one that was killed: it is retried with backoff
+            try:
+                await hooks.run(good)
+                break
+            except HookError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert good.context == {"ok": "yes"}
+        assert hooks.health() is None
+        hooks.close()
+
+    async def test_health_reports_python_threads_all_stuck(self, tmp_path: Path) -> None:
+        hooks = chain(tmp_path, python=(f"{__name__}:python_stuck",), timeout_ms=50)
+        stuck = [hook_message() for _ in range(4)]
+        for msg in stuck:
+            msg.headers["X-Stuck"] = "1"
+        results = await asyncio.gather(*(hooks.run(m) for m in stuck), return_exceptions=True)
+        assert all(isinstance(r, HookError) and r.kind == "timeout" for r in results)
+        assert hooks.health() == "python hooks: all 4 threads are stuck in calls past their deadline"
+        with pytest.raises(HookError, match="all 4 worker threads are stuck"):
+            await hooks.run(hook_message())
+        await wait_until(lambda: hooks.health() is None)  # the calls returned: the threads are free
+        await hooks.run(hook_message())
+        hooks.close()
+
     @staticmethod
-    async def _until_ok(port: int) -> None:
-        while (await asyncio.to_thread(get, port, "/healthz"))[0] != 200:
+    async def _until_delivered(port: int) -> None:
+        while (await submit(port, ["a@x.org"], message())).code != 250:
             await asyncio.sleep(0.1)
 
     async def test_healthz_is_ok_without_hooks(self, tls: TLSFiles, config_path: Path) -> None:
