@@ -41,7 +41,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C to the relay's terminal is for the relay
     replies = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # a stray write to stdout must not corrupt the protocol
-    requests = os.fdopen(0, "rb", buffering=0)
+    requests = os.fdopen(0, "rb")  # buffered: one read() per request, header and body
     return _Worker(requests, replies).serve()
 
 

@@ -382,7 +382,7 @@ class LuaWorkers:
 
     def _on_readable(self, worker: WorkerProcess) -> None:
         try:
-            chunk = os.read(worker.read_fd, 1 << 20)
+            chunk = os.read(worker.read_fd, 65536)  # under malloc's mmap threshold: no mmap per read
         except BlockingIOError:
             return
         except OSError:
