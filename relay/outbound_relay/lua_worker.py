@@ -122,6 +122,8 @@ def parse_reply(frame: bytes) -> Reply | WorkerError:
     prints = obj.get("print", [])
     if not isinstance(prints, list) or len(prints) > MAX_PRINTS:
         raise ValueError("print is not a short list")
+    if not all(isinstance(p, list) and len(p) == 2 for p in prints):
+        raise ValueError("a print entry is not a [script, line] pair")
     lines = tuple((_check_str(p[0], "a script name", 600), _check_str(p[1], "a line", 4000)) for p in prints)
     return Reply(
         context=context,
