@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,30 @@ class TestStuckLuaHooks:
         await hooks.run(good)
         assert good.context == {"ok": "yes"}
         hooks.close()
+
+
+class TestReload:
+    async def test_each_reload_replaces_the_worker(self, tls: TLSFiles, config_path: Path) -> None:
+        gc.collect()  # chains of earlier tests, and their workers
+        hook = config_path.parent / "auth.lua"
+        hook.write_text(lua_module("msg:context_set(VCTX_MESS, 'g', '0')"))
+        async with AuthUpstream(tls, users={"u": "p"}) as up:
+            write_config(
+                config_path, {"policies": [catch_all_policy(up.port, tls)], "hooks": {"lua": ["auth.lua"]}}
+            )
+            async with running_relay(config_path) as relay:
+                for generation in range(1, 4):
+                    assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+                    (before,) = lua_workers()
+                    old = weakref.ref(relay.generation)
+                    hook.write_text(lua_module(f"msg:context_set(VCTX_MESS, 'g', '{generation}')"))
+                    # Once the old generation is gone (no transaction holds it), so is its worker.
+                    await wait_until(lambda: old() is None)  # noqa: B023 (awaited here)
+                    await wait_until(lambda: len(lua_workers()) == 1 and lua_workers() != [before])  # noqa: B023
+                assert (await submit(relay.port, ["a@x.org"], message())).code == 250
+            del relay
+        gc.collect()
+        assert lua_workers() == []
 
 
 class TestDeadlineCountsExecution:
