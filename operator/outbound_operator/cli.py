@@ -17,6 +17,7 @@ from outbound_operator import handlers, webhook
 from outbound_operator.controller import Controller, ControllerSettings
 from outbound_operator.kubeapi import KubeApi, load_api_client
 from outbound_operator.metrics import OperatorMetrics
+from outbound_relay.hardening import disable_core_dumps
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    disable_core_dumps()  # before any Secret is read: no core dump, no same-user ptrace of this process
     args = build_parser().parse_args(argv)
     kopf.configure(verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
     if not args.verbose:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from outbound_relay.config import ConfigError, load_config
 from outbound_relay.generation import Generation, Overrides
+from outbound_relay.hardening import disable_core_dumps
 from outbound_relay.pool import release_free_memory
 from outbound_relay.redaction import REDACTED, SecretRedactor
 from outbound_relay.scopes import Route, ScopeIndex, Sourced, level_of
@@ -71,6 +72,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    disable_core_dumps()  # before any secret is read
     if not args.uvloop:
         return asyncio.run(_serve(args))
     try:

@@ -5,12 +5,13 @@ keys; `outbound_smtp_auth_type|user|pass` then override whatever scope gave (`Ro
 other keys are kept for later hooks. Each hook call has `hooks.timeoutMs` (default 50 ms); a hook that
 raises, loops or runs past it fails the delivery temporarily (`HookError`, counted by `kind`).
 
-Neither kind runs on the event loop. Lua hooks run in one worker thread that owns the sandbox
-(lua_sandbox.py); the sandbox stops a looping hook itself, and a call stuck inside one C function is
-abandoned at the wall-clock deadline together with its thread and runtime, and a fresh one takes over.
-Python hooks are trusted code and run in a small pool of worker threads: a runaway one cannot be killed,
-so the delivery tempfails at the deadline and the thread stays busy until the function returns.
-`async def` hooks run on the loop and are cancelled at the deadline.
+Neither kind runs on the event loop. Lua hooks run in a worker process (lua_worker.py) that is killed at
+its own CPU-time deadline, even inside one C call, and replaced in the background; messages wait for it in
+a queue and their deadline starts when the worker takes them. Python hooks are trusted code and run in a
+small pool of worker threads, with the deadline from when a thread takes the call: a runaway one cannot
+be killed, so the delivery tempfails at the deadline and the thread stays busy until the function
+returns. `async def` hooks run on the loop and are cancelled at the deadline. `health()` says when the
+chain can no longer run hooks (/healthz).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.message
+import email.policy
 import importlib
 import inspect
+import logging
 import queue
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Awaitable, Callable
@@ -30,27 +34,25 @@ from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
 from outbound_relay.config import ConfigError, Hooks
-from outbound_relay.lua_sandbox import (
+from outbound_relay.hook_state import (
     MAX_BINDING_BYTES,
     MAX_CONTEXT_KEY_BYTES,
     MAX_CONTEXT_KEYS,
     MAX_CONTEXT_VALUE_BYTES,
     VCTX_MESS,
-    LuaHookError,
-    LuaLoadError,
-    LuaSandbox,
     LuaScript,
     MessageState,
 )
+from outbound_relay.lua_worker import LuaWorkers, WorkerError, WorkerProcess, WorkerStartError
 
 __all__ = ["VCTX_MESS", "HookChain", "HookError", "HookMessage", "PythonHookMsg"]
 
 T = TypeVar("T")
 
 PYTHON_HOOK_THREADS: Final = 4  # a fixed pool: runaway hooks can block it, never grow it
-MAX_STALLED_LUA_THREADS: Final = 2  # abandoned Lua threads still inside a C call; past it, fail fast
-LUA_GRACE_S: Final = 0.010  # the wall clock backstop: hooks x timeout + max(this, timeout), so the
-# sandbox (CPU time) normally stops a looping hook first, even on a loaded machine
+MAX_PYTHON_WAITING: Final = 1024  # calls queued for the pool; past it, fail at once rather than pile up
+
+logger = logging.getLogger("outbound_relay.hooks")
 
 
 @dataclass(kw_only=True)
@@ -149,14 +151,15 @@ def _apply(state: MessageState, msg: HookMessage) -> None:
 
 
 class _Job(Generic[T]):
-    __slots__ = ("abandoned", "function", "future", "loop", "running")
+    __slots__ = ("abandoned", "finished_at", "function", "future", "loop", "started_at")
 
     def __init__(self, function: Callable[[], T], loop: asyncio.AbstractEventLoop) -> None:
         self.function = function
         self.loop = loop
         self.future: asyncio.Future[T] = loop.create_future()
         self.abandoned = False
-        self.running = False
+        self.started_at: float | None = None  # monotonic, set by the thread that takes it
+        self.finished_at: float | None = None  # monotonic, set by that thread when the function returns
 
 
 def _settle(job: _Job[Any], value: Any, error: BaseException | None) -> None:
@@ -177,6 +180,7 @@ class _Workers:
         self._name = name
         self._size = threads
         self._threads: list[threading.Thread] = []
+        self._running: dict[int, _Job[Any]] = {}  # by thread ident
         self._lock = threading.Lock()
 
     def submit(self, function: Callable[[], T]) -> _Job[T]:
@@ -190,18 +194,31 @@ class _Workers:
         self._queue.put(job)
         return job
 
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def stuck(self) -> int:
+        """Threads still running a call whose caller gave up at the deadline."""
+        return sum(1 for job in list(self._running.values()) if job.abandoned)
+
+    def all_stuck(self) -> bool:
+        return self.stuck() >= self._size
+
     def _serve(self) -> None:
+        me = threading.get_ident()
         while (job := self._queue.get()) is not None:
             if job.abandoned:
                 continue
-            job.running = True
+            job.started_at = time.monotonic()
+            self._running[me] = job
             value: Any = None
             error: BaseException | None = None
             try:
                 value = job.function()
             except BaseException as caught:  # handed to the awaiting task, which owns the error
                 error = caught
-            job.running = False
+            job.finished_at = time.monotonic()
+            del self._running[me]
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for this any more
                 job.loop.call_soon_threadsafe(_settle, job, value, error)
             del job, value, error
@@ -212,27 +229,6 @@ class _Workers:
 
     def alive(self) -> bool:
         return any(thread.is_alive() for thread in self._threads)
-
-
-class _LuaWorker:
-    """One thread and the sandbox it alone uses; the sandbox is rebuilt when it asks to be."""
-
-    def __init__(self, scripts: tuple[LuaScript, ...], timeout_ms: int, sandbox: LuaSandbox | None) -> None:
-        self.workers = _Workers("lua-hooks", 1)
-        self._scripts = scripts
-        self._timeout_ms = timeout_ms
-        self._sandbox = sandbox
-
-    def call(self, state: MessageState) -> MessageState:
-        if self._sandbox is None or self._sandbox.needs_rebuild:
-            self._sandbox = None
-            try:
-                self._sandbox = LuaSandbox(self._scripts, timeout_ms=self._timeout_ms)
-            except LuaLoadError as error:  # loaded fine once; a file whose top level is not deterministic
-                raise LuaHookError(
-                    f"lua hooks: reloading failed: {error}", kind="error", hook="lua"
-                ) from None
-        return self._sandbox.run(state)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,28 +272,22 @@ class HookChain:
     def __init__(
         self,
         *,
-        lua_scripts: tuple[LuaScript, ...] = (),
-        lua_sandbox: LuaSandbox | None = None,
+        lua: LuaWorkers | None = None,
         python_hooks: tuple[_PythonHook, ...] = (),
         timeout_ms: int = 50,
     ) -> None:
         self.timeout_s = timeout_ms / 1000
         self._timeout_ms = timeout_ms
-        self._lua_scripts = lua_scripts
-        self._lua_hooks = tuple(hook.name for hook in lua_sandbox.hooks) if lua_sandbox is not None else ()
-        self._lua: _LuaWorker | None = (
-            _LuaWorker(lua_scripts, timeout_ms, lua_sandbox) if lua_sandbox is not None else None
-        )
-        self._stalled: list[_Workers] = []
+        self._lua = lua
+        self._lua_hooks = lua.hooks if lua is not None else ()
         self._python = python_hooks
         self._python_workers = _Workers("python-hooks", PYTHON_HOOK_THREADS)
-        self._owned = [self._python_workers] + ([self._lua.workers] if self._lua is not None else [])
-        self._finalizer = weakref.finalize(self, HookChain._stop_all, self._owned)
+        self._finalizer = weakref.finalize(self, HookChain._stop_all, self._python_workers, lua)
 
     @classmethod
     def load(cls, hooks: Hooks, base_dir: Path) -> HookChain:
-        """Read, compile and run the top level of every Lua file, import every Python hook.
-        Raises ConfigError naming the hook and the reason."""
+        """Read every Lua file and start the Lua worker process, which compiles them and runs their top
+        level; import every Python hook. Raises ConfigError naming the hook and the reason."""
         scripts: list[LuaScript] = []
         for i, path in enumerate(hooks.lua):
             where = f"hooks.lua[{i}] {str(path)!r}"
@@ -308,22 +298,15 @@ class HookChain:
             except UnicodeDecodeError:
                 raise ConfigError(f"{where}: is not UTF-8 text") from None
             scripts.append(LuaScript(name=str(path), source=source))
-        sandbox = None
-        if scripts:
-            # Compile one file at a time first, so a failure names its file, then all of them together.
-            for i, script in enumerate(scripts):
-                try:
-                    LuaSandbox((script,), timeout_ms=hooks.timeout_ms)
-                except LuaLoadError as error:
-                    raise ConfigError(f"hooks.lua[{i}] {script.name!r}: {error}") from None
-            try:
-                sandbox = LuaSandbox(tuple(scripts), timeout_ms=hooks.timeout_ms)
-            except LuaLoadError as error:
-                raise ConfigError(f"hooks.lua: the files fail when loaded together: {error}") from None
         python = tuple(_load_python_hook(i, ref) for i, ref in enumerate(hooks.python))
-        return cls(
-            lua_scripts=tuple(scripts), lua_sandbox=sandbox, python_hooks=python, timeout_ms=hooks.timeout_ms
-        )
+        lua = None
+        if scripts:
+            try:
+                first = WorkerProcess.start(scripts, hooks.timeout_ms, validate=True)
+            except WorkerStartError as error:
+                raise ConfigError(str(error) if error.in_files else f"hooks.lua: {error}") from None
+            lua = LuaWorkers(tuple(scripts), hooks.timeout_ms, first)
+        return cls(lua=lua, python_hooks=python, timeout_ms=hooks.timeout_ms)
 
     def __bool__(self) -> bool:
         return self._lua is not None or bool(self._python)
@@ -336,6 +319,16 @@ class HookChain:
             *(f"python {hook.ref}" for hook in self._python),
         )
 
+    def health(self) -> str | None:
+        """None while the hooks can run; else why they cannot, for /healthz (safe to show: no message
+        data). Lua: the worker process cannot be started, or keeps dying on its own. Python: every
+        thread of the pool is stuck in a call past its deadline."""
+        if self._lua is not None and (reason := self._lua.health()) is not None:
+            return f"lua hooks: {reason}"
+        if self._python and self._python_workers.all_stuck():
+            return f"python hooks: all {PYTHON_HOOK_THREADS} threads are stuck in calls past their deadline"
+        return None
+
     async def run(self, msg: HookMessage) -> None:
         """Run every hook on `msg`; its `context` and `binding` change only if all of them succeed."""
         state = _snapshot(msg)
@@ -345,30 +338,29 @@ class HookChain:
             state = await self._run_python(hook, state)
         _apply(state, msg)
 
-    async def _run_lua(self, worker: _LuaWorker, state: MessageState) -> MessageState:
-        self._stalled = [w for w in self._stalled if w.alive()]
-        if len(self._stalled) >= MAX_STALLED_LUA_THREADS:
-            raise HookError(
-                f"lua hooks: {len(self._stalled)} earlier calls are still stuck past their deadline",
-                kind="timeout",
-                hook="lua",
-            )
-        job = worker.workers.submit(lambda: worker.call(state))
-        deadline = len(self._lua_hooks) * self.timeout_s + max(LUA_GRACE_S, self.timeout_s)
+    async def _run_lua(self, lua: LuaWorkers, state: MessageState) -> MessageState:
+        headers = state.headers
+        request = {
+            "mailfrom": state.mailfrom,
+            "rcptto": state.rcptto,
+            "binding": state.binding,
+            "context": state.context,
+            "headers": list(headers.raw_items()),
+            "policy": "email" if isinstance(headers.policy, email.policy.EmailPolicy) else "compat32",
+        }
         try:
-            return await self._await(job, deadline)
-        except TimeoutError:
-            if job.running and self._lua is worker:
-                # Stuck inside one C call, where the sandbox cannot stop it: leave thread and runtime behind.
-                worker.workers.stop()
-                self._stalled.append(worker.workers)
-                self._lua = _LuaWorker(self._lua_scripts, self._timeout_ms, None)
-                self._owned.append(self._lua.workers)
-            raise HookError(
-                f"lua hooks: no answer within {deadline * 1000:g} ms", kind="timeout", hook="lua"
-            ) from None
-        except LuaHookError as error:
+            reply = await lua.call(request)
+        except WorkerError as error:
             raise HookError(str(error), kind=error.kind, hook=error.hook) from None
+        for script, line in reply.prints:
+            logger.info("lua hook %s: print: %s", script, line)
+        return MessageState(
+            mailfrom=state.mailfrom,
+            rcptto=state.rcptto,
+            headers=headers,
+            binding=reply.binding,
+            context=reply.context,
+        )
 
     async def _run_python(self, hook: _PythonHook, state: MessageState) -> MessageState:
         state = _copy_state(state)
@@ -377,6 +369,19 @@ class HookChain:
             if hook.is_async:
                 await asyncio.wait_for(_as_awaitable(hook.function(view)), self.timeout_s)
             else:
+                if self._python_workers.all_stuck():
+                    raise HookError(
+                        f"python hook {hook.ref}: all {PYTHON_HOOK_THREADS} worker threads are stuck in "
+                        "calls past their deadline",
+                        kind="timeout",
+                        hook=hook.ref,
+                    )
+                if self._python_workers.waiting() >= MAX_PYTHON_WAITING:
+                    raise HookError(
+                        f"python hook {hook.ref}: {MAX_PYTHON_WAITING} calls already wait for a thread",
+                        kind="timeout",
+                        hook=hook.ref,
+                    )
                 await self._await(self._python_workers.submit(lambda: hook.function(view)), self.timeout_s)
         except TimeoutError:
             raise HookError(
@@ -384,26 +389,47 @@ class HookChain:
                 kind="timeout",
                 hook=hook.ref,
             ) from None
+        except HookError:
+            raise
         except Exception as error:
             raise _python_failure(hook, error) from None
         return state
 
-    @staticmethod
-    async def _await(job: _Job[T], seconds: float) -> T:
+    async def _await(self, job: _Job[T], seconds: float) -> T:
+        """The job's result, with `seconds` counted from when a thread takes it: time in the queue is not
+        the hook's. A queued job gives up only when every thread is stuck past its own deadline."""
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), seconds)
+            remaining = seconds
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(job.future), remaining)
+                except TimeoutError:
+                    if job.finished_at is not None and job.started_at is not None:
+                        if job.finished_at - job.started_at <= seconds:
+                            return await job.future  # done in time; only its hand-over to the loop is late
+                        raise
+                    if job.started_at is not None:
+                        remaining = job.started_at + seconds - time.monotonic()
+                    elif self._python_workers.all_stuck():
+                        raise
+                    else:
+                        remaining = seconds
+                    if remaining <= 0:
+                        raise
         except BaseException:
             job.abandoned = True
             raise
 
     def close(self) -> None:
-        """Stop the worker threads once they are idle (also done when the chain is garbage-collected)."""
+        """Stop the Lua worker process and the Python threads once idle (also done when the chain is
+        garbage-collected)."""
         self._finalizer()
 
     @staticmethod
-    def _stop_all(owned: list[_Workers]) -> None:
-        for workers in owned:
-            workers.stop()
+    def _stop_all(python: _Workers, lua: LuaWorkers | None) -> None:
+        python.stop()
+        if lua is not None:
+            lua.close()
 
 
 def _copy_state(state: MessageState) -> MessageState:

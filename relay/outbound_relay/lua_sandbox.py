@@ -9,32 +9,39 @@ The sandbox, from the trusted side (the prelude below runs before any hook code,
   source text only; `require` accepts only Momentum's `msys.*` names, as no-ops; `collectgarbage("count")`;
 - the string metatable is locked, `setmetatable` refuses `__gc` (a finalizer would run outside the limits),
   and the trusted code never calls a hook's metamethods (`rawequal`, `rawget`, no `tostring` on its values);
-- a count hook, installed before each call, compares process CPU time with the call's deadline every
-  `CHECK_EVERY` instructions; past it, the hook fires on every instruction, so a `pcall` cannot swallow it;
+- a count hook, installed before each call, compares the process's CPU time (the worker process's, see
+  lua_process.py) with the call's deadline every `CHECK_EVERY` instructions; past it, the hook fires on
+  every instruction, so a `pcall` cannot swallow it;
 - `max_memory` makes allocations past the limit fail with "not enough memory" (`string.rep` bombs);
 - `msg` is a Lua table whose methods are trusted Lua closures: no Python object is reachable from hooks.
-Time spent inside one C function (a pathological pattern match) is not seen by the count hook; the caller
-(`hooks.HookChain`) runs the sandbox in a worker thread and abandons it at a wall-clock deadline.
+Time spent inside one C function (a pathological pattern match) is not seen by the count hook; the relay
+runs the sandbox in a worker process (lua_process.py) with a CPU-time timer that kills it there.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from email.message import Message
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 import lupa.lua54 as lupa
 
+from outbound_relay.hook_state import (
+    MAX_BINDING_BYTES,
+    MAX_CONTEXT_KEY_BYTES,
+    MAX_CONTEXT_KEYS,
+    MAX_CONTEXT_VALUE_BYTES,
+    VCTX_MESS,
+    LuaScript,
+    MessageState,
+)
+
+__all__ = ["VCTX_MESS", "LuaHookError", "LuaLoadError", "LuaSandbox", "LuaScript", "MessageState"]
+
 logger = logging.getLogger("outbound_relay.hooks")
 
-VCTX_MESS: Final = 1  # Momentum's message-context scope; the relay has no connection context
-MAX_CONTEXT_KEY_BYTES: Final = 256
-MAX_CONTEXT_VALUE_BYTES: Final = 65536  # room for a large XOAUTH2 access token (JWT)
-MAX_CONTEXT_KEYS: Final = 256
-MAX_BINDING_BYTES: Final = 256
 MEMORY_LIMIT_BYTES: Final = 32 << 20
 CHECK_EVERY: Final = 1000  # instructions between deadline checks: ~2-10 us of Lua, one clock() call
 MAX_PRINT_CHARS: Final = 2000
@@ -53,24 +60,6 @@ class LuaHookError(Exception):
         super().__init__(message)
         self.kind = kind
         self.hook = hook
-
-
-@dataclass(kw_only=True)
-class MessageState:
-    """What the hooks read and change for one message; a private copy per call, applied by the caller
-    only when every hook finished in time."""
-
-    mailfrom: str
-    rcptto: tuple[str, ...]
-    headers: Message
-    binding: str
-    context: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class LuaScript:
-    name: str  # as configured (relative path); used in Lua error positions and in our messages
-    source: str
 
 
 _PRELUDE = r"""
@@ -320,7 +309,7 @@ class _Hook:
 
 class LuaSandbox:
     """One Lua runtime holding every Lua hook file of a config, in order. Not thread-safe: one caller at
-    a time (the chain gives it its own worker thread)."""
+    a time (the worker process's only thread)."""
 
     def __init__(
         self,
@@ -329,8 +318,10 @@ class LuaSandbox:
         timeout_ms: int,
         load_timeout_ms: int = 1000,
         memory_limit: int = MEMORY_LIMIT_BYTES,
+        printer: Callable[[str, str], None] | None = None,
     ) -> None:
         self.timeout_s = timeout_ms / 1000
+        self._printer = printer
         self.needs_rebuild = False  # set after a memory error: the hooks' state may be what filled it
         self._state: MessageState | None = None
         self._lua = lupa.LuaRuntime(
@@ -441,4 +432,7 @@ class LuaSandbox:
         return self._state.rcptto
 
     def _print(self, script: str, text: str) -> None:
-        logger.info("lua hook %s: print: %s", script, text[:MAX_PRINT_CHARS])
+        if self._printer is not None:
+            self._printer(script, text[:MAX_PRINT_CHARS])
+        else:
+            logger.info("lua hook %s: print: %s", script, text[:MAX_PRINT_CHARS])

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 from outbound_relay.config import ConfigError, fingerprint
 from outbound_relay.delivery import RelayHandler
 from outbound_relay.generation import NO_OVERRIDES, Generation, Overrides
+from outbound_relay.health import with_health
 from outbound_relay.metrics import RelayMetrics
 from outbound_relay.pool import UpstreamPool
 from outbound_relay.redaction import SecretRedactor
@@ -114,6 +115,9 @@ class RelayServer:
             server, _thread = start_http_server(
                 config.metrics.port, addr=config.metrics.host, registry=self.metrics.registry
             )
+            metrics_app = server.get_app()
+            assert metrics_app is not None
+            server.set_app(with_health(metrics_app, self.health))
             self._metrics_server = server
         if self.config_path is not None:
             self._reloader = loop.create_task(self._watch(), name="config-reloader")
@@ -126,6 +130,11 @@ class RelayServer:
             config.metrics.host,
             self.metrics_port,
         )
+
+    def health(self) -> str | None:
+        """None while the relay can work; else why not (/healthz, from the metrics server's thread)."""
+        hooks = self.generation.hooks
+        return None if hooks is None else hooks.health()
 
     async def _watch(self) -> None:
         """Poll the config and password files: cheap for a few small files, and it sees the kubelet's
