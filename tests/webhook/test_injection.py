@@ -240,7 +240,7 @@ def test_settings_load_from_the_charts_camel_case(tmp_path: Path) -> None:
     settings = InjectionSettings.load(path)
     assert settings.image == "r/relay:1" and settings.metrics_port == 9999 and settings.run_as_user == 1000
     path.write_text("imagePullPolicy: Sometimes\n")
-    with pytest.raises(ValueError, match=r"sidecar\.yaml: imagePullPolicy: String should match"):
+    with pytest.raises(ValueError, match=r"sidecar\.yaml: imagePullPolicy: Input should be 'Always'"):
         InjectionSettings.load(path)
     path.write_text("imageTypo: x\n")
     with pytest.raises(ValueError, match="imageTypo"):
