@@ -67,8 +67,9 @@ class InjectionError(ValueError):
 
 
 class ResourceList(BaseModel):
-    """Quantities by resource name: cpu, memory, and any other (ephemeral-storage, hugepages-2Mi, ...), as
-    the chart's values.schema.json allows them: strings or numbers (`cpu: 0.5`), kept as strings."""
+    """Quantities by resource name: cpu, memory, and any other (ephemeral-storage, hugepages-2Mi, ...):
+    strings or numbers (`cpu: 0.5`), kept as strings. The chart's values.schema.json says the same
+    (generated from QUANTITY_PATTERN by `make crds`)."""
 
     model_config = ConfigDict(frozen=True, extra="allow", use_attribute_docstrings=True)
 

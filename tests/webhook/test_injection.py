@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,18 @@ def test_settings_load_from_the_charts_camel_case(tmp_path: Path) -> None:
     path.write_text("imageTypo: x\n")
     with pytest.raises(ValueError, match="imageTypo"):
         InjectionSettings.load(path)
+    # What values.schema.json refuses (generated from these settings), the operator refuses at start.
+    for bad, where in (
+        ("hooksConfigMap: Mail_Hooks", "hooksConfigMap: String should match pattern"),
+        (
+            "shutdownTimeoutSeconds: 25000",
+            "shutdownTimeoutSeconds: Input should be less than or equal to 3600",
+        ),
+        ("resources: {limits: {cpu: '-1'}}", "resources.limits: Value error, cpu: '-1' is not a Kubernetes"),
+    ):
+        path.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=re.escape(where)):
+            InjectionSettings.load(path)
 
 
 # --- the AdmissionReview answer ------------------------------------------------------------------------
