@@ -92,8 +92,9 @@ class ObjectMeta:
     created: str  # metadata.creationTimestamp (RFC 3339, UTC: sorts in time order)
     generation: int
 
-    @classmethod
-    def of(cls, body: Mapping[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def fields_of(body: Mapping[str, Any]) -> dict[str, Any]:
+        """These fields from an object as the API returns it, as keyword arguments."""
         metadata = body.get("metadata") or {}
         return {
             "name": str(metadata["name"]),
@@ -115,7 +116,7 @@ class PolicySource(ObjectMeta):
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PolicySource:
-        return cls(**cls.of(body), spec=parse_policy_spec(body.get("spec")))
+        return cls(**cls.fields_of(body), spec=parse_policy_spec(body.get("spec")))
 
     def secret_refs(self) -> dict[str, SecretKeyRef]:
         """The Secret keys this policy reads, by the field that names them (none for an invalid spec:
@@ -134,7 +135,7 @@ class BindingGroupSource(ObjectMeta):
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> BindingGroupSource:
-        return cls(**cls.of(body), spec=parse_group_spec(body.get("spec")))
+        return cls(**cls.fields_of(body), spec=parse_group_spec(body.get("spec")))
 
 
 def referenced_secrets(policies: Iterable[PolicySource]) -> frozenset[str]:
