@@ -2,7 +2,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup demo test lint unit cluster cluster-down bench bench-hooks bench-operator clean
+.PHONY: setup demo test lint unit crds cluster cluster-down bench bench-hooks bench-operator clean
 
 setup:
 	@hack/setup
@@ -23,6 +23,11 @@ test: lint
 
 unit: setup
 	$(VENV)/pytest tests/unit
+
+# crds/*.yaml and the generated parts of the chart's values.schema.json, from the operator's models
+# (docs/crds.md); tests/operator/test_crd_generation.py fails when they differ from what this writes.
+crds: setup
+	$(VENV)/python -m outbound_operator.crdgen
 
 cluster: setup
 	@hack/control-plane up

@@ -114,8 +114,15 @@ def wait(check: Callable[[], bool], timeout: float, interval: float = 0.02) -> f
 
 def reference_render(count: int, rounds: int = 5) -> float:
     policies = [
-        PolicySource(
-            name=f"p{i:05d}", uid=f"u{i}", created="2026-01-01T00:00:00Z", generation=1, spec=spec(i)
+        PolicySource.from_body(
+            {
+                "metadata": {
+                    "name": f"p{i:05d}",
+                    "uid": f"u{i}",
+                    "creationTimestamp": "2026-01-01T00:00:00Z",
+                },
+                "spec": spec(i),
+            }
         )
         for i in range(count)
     ]

@@ -113,29 +113,6 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _policy_source(body: Mapping[str, Any]) -> PolicySource:
-    metadata = body.get("metadata") or {}
-    return PolicySource(
-        name=str(metadata["name"]),
-        uid=str(metadata.get("uid", "")),
-        created=str(metadata.get("creationTimestamp", "")),
-        generation=int(metadata.get("generation", 0)),
-        spec=body.get("spec") or {},
-    )
-
-
-def _group_source(body: Mapping[str, Any]) -> BindingGroupSource:
-    metadata = body.get("metadata") or {}
-    spec = body.get("spec") or {}
-    return BindingGroupSource(
-        name=str(metadata["name"]),
-        uid=str(metadata.get("uid", "")),
-        created=str(metadata.get("creationTimestamp", "")),
-        generation=int(metadata.get("generation", 0)),
-        bindings=tuple(str(b) for b in spec.get("bindings") or ()),
-    )
-
-
 def _content_digest(data: Mapping[str, bytes], owners: Iterable[Mapping[str, Any]]) -> str:
     digest = hashlib.sha256()
     for key in sorted(data):
@@ -230,7 +207,7 @@ class Controller:
 
     def policy_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool) -> None:
         state = self._state(namespace)
-        source = _policy_source(body)
+        source = PolicySource.from_body(body)
         state.set_refs(
             source.name, None if deleted else frozenset(r.name for r in source.secret_refs().values())
         )
@@ -336,13 +313,14 @@ class Controller:
             self.api.list_custom(namespace, POLICY_PLURAL), self.api.list_custom(namespace, GROUP_PLURAL)
         )
         policy_bodies, group_bodies = _live(policy_bodies), _live(group_bodies)
-        policies = [_policy_source(body) for body in policy_bodies]
+        policies = [PolicySource.from_body(body) for body in policy_bodies]
         state.replace_refs(
             {policy.name: frozenset(r.name for r in policy.secret_refs().values()) for policy in policies}
         )
         await self._load_secrets(namespace, state)
         values = {name: data for name, data in state.secrets.items() if data is not None}
-        rendering = render_namespace(namespace, policies, map(_group_source, group_bodies), values)
+        groups = [BindingGroupSource.from_body(body) for body in group_bodies]
+        rendering = render_namespace(namespace, policies, groups, values)
         try:
             result = await self._write_rendered(namespace, state, rendering, has_policies=bool(policies))
         except ConflictError:

@@ -16,10 +16,12 @@ import copy
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from outbound_operator.crd_models import BindingName
 
 ANNOTATION_INJECT: Final = "outboundrelay.io/inject"
 """Pod annotation that opts a Pod in; the value "true" (any case) injects, anything else does not."""
@@ -42,14 +44,20 @@ CONFIG_DIR: Final = "/etc/outbound-relay"
 CONFIG_FILE: Final = f"{CONFIG_DIR}/relay.yaml"
 METRICS_PORT_NAME: Final = "relay-metrics"  # a port name has at most 15 characters (IANA_SVC_NAME)
 
-# Momentum binding names: letters, digits, '_', '-', '.'; kept to a label-like shape so a typo is caught
-# at admission instead of routing mail through the wrong scope.
-_BINDING = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$")
+# A binding name is checked as OutboundAuthPolicy's scope.binding is (crd_models.BindingName): a Pod's
+# default binding then always names a binding that a policy can name too.
+_BINDING: TypeAdapter[str] = TypeAdapter(BindingName)
+# A Kubernetes resource quantity (apimachinery's resource.Quantity) as a container's requests and limits
+# take it: a number with an optional SI or binary suffix or exponent, e.g. "50m", "0.5", "64Mi", "1e3";
+# never negative. The chart's values.schema.json takes its pattern from here (chart_schema.py).
+QUANTITY_PATTERN = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+_QUANTITY = re.compile(QUANTITY_PATTERN)
 # RFC 1123 subdomain, what the API server requires of a ConfigMap name.
-# A Kubernetes resource quantity (apimachinery's resource.Quantity): a number with an optional SI or binary
-# suffix or exponent, e.g. "50m", "0.5", "64Mi", "1e3".
-_QUANTITY = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
+ConfigMapName = Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 JsonPatch = list[dict[str, Any]]
 
@@ -59,10 +67,11 @@ class InjectionError(ValueError):
 
 
 class ResourceList(BaseModel):
-    """Quantities by resource name: cpu, memory, and any other (ephemeral-storage, hugepages-2Mi, ...), as
-    the chart's values.schema.json allows them: strings or numbers (`cpu: 0.5`), kept as strings."""
+    """Quantities by resource name: cpu, memory, and any other (ephemeral-storage, hugepages-2Mi, ...):
+    strings or numbers (`cpu: 0.5`), kept as strings. The chart's values.schema.json says the same
+    (generated from QUANTITY_PATTERN by `make crds`)."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="allow", use_attribute_docstrings=True)
 
     cpu: str | None = None
     """CPU quantity, e.g. "50m" or 0.5."""
@@ -91,7 +100,9 @@ class ResourceList(BaseModel):
 
 
 class Resources(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    """Requests and limits of the sidecar container."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     requests: ResourceList = ResourceList(cpu="20m", memory="64Mi")
     """What the scheduler reserves for the sidecar; default 20m CPU, 64Mi memory."""
@@ -104,13 +115,13 @@ class Resources(BaseModel):
 class InjectionSettings(BaseModel):
     """What the chart's `relay:` values give the webhook (rendered into sidecar.yaml); camelCase in YAML."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", populate_by_name=True, use_attribute_docstrings=True
+    )
 
     image: str = Field(default="ghcr.io/outbound-relay/outbound-relay:0.1.0", min_length=1)
     """Sidecar image (the same image as the operator's, command `outbound-relay`)."""
-    image_pull_policy: str = Field(
-        default="IfNotPresent", alias="imagePullPolicy", pattern="^(Always|IfNotPresent|Never)$"
-    )
+    image_pull_policy: PullPolicy = Field(default="IfNotPresent", alias="imagePullPolicy")
     """Kubernetes imagePullPolicy of the sidecar."""
     resources: Resources = Resources()
     """Requests and limits of the sidecar container."""
@@ -122,12 +133,13 @@ class InjectionSettings(BaseModel):
     """Port of the relay's /metrics, passed as `serve --metrics-port` (it overrides relay.yaml's)."""
     config_secret: str = Field(default="outbound-relay-config", alias="configSecret", min_length=1)
     """The Secret the operator renders in each namespace (key relay.yaml)."""
-    hooks_config_map: str | None = Field(default=None, alias="hooksConfigMap")
+    hooks_config_map: ConfigMapName | None = Field(default=None, alias="hooksConfigMap")
     """ConfigMap projected next to relay.yaml in every injected Pod unless the Pod names its own."""
-    log_level: str = Field(default="info", alias="logLevel", pattern="^(debug|info|warning|error)$")
+    log_level: LogLevel = Field(default="info", alias="logLevel")
     """`outbound-relay serve --log-level`."""
-    shutdown_timeout_seconds: float = Field(default=25.0, alias="shutdownTimeoutSeconds", gt=0)
-    """`serve --shutdown-timeout`: keep it below the Pod's terminationGracePeriodSeconds (30)."""
+    shutdown_timeout_seconds: float = Field(default=25.0, alias="shutdownTimeoutSeconds", gt=0, le=3600)
+    """`serve --shutdown-timeout`: keep it below the Pod's terminationGracePeriodSeconds (30); at most an
+    hour, which catches a value meant in milliseconds."""
     prometheus_annotations: bool = Field(default=True, alias="prometheusAnnotations")
     """Add prometheus.io/scrape|port|path to the Pod when it has none of its own."""
 
@@ -240,11 +252,13 @@ def _pointer(*parts: str) -> str:
 def _requested(pod: Mapping[str, Any], settings: InjectionSettings) -> tuple[str | None, str | None]:
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     binding = annotations.get(ANNOTATION_BINDING)
-    if binding is not None and not _BINDING.match(binding):
-        raise InjectionError(
-            f"annotation {ANNOTATION_BINDING}: {binding!r} is not a binding name "
-            "(letters, digits, '_', '-', '.'; at most 63 characters)"
-        )
+    if binding is not None:
+        try:
+            _BINDING.validate_python(binding)
+        except ValidationError as error:
+            (problem,) = error.errors(include_url=False, include_input=False)
+            reason = str(problem["msg"]).removeprefix("Value error, ")
+            raise InjectionError(f"annotation {ANNOTATION_BINDING}: {reason}") from None
     hooks = annotations.get(ANNOTATION_HOOKS, settings.hooks_config_map)
     if hooks is not None and (len(hooks) > 253 or not _DNS_SUBDOMAIN.match(hooks)):
         raise InjectionError(f"annotation {ANNOTATION_HOOKS}: {hooks!r} is not a ConfigMap name")

@@ -9,6 +9,9 @@ Rules (docs/operator.md):
 - A policy whose Secrets are missing, or whose settings cannot be had, is rendered `suspended` with no
   settings at all, so the relay defers its scope's mail instead of falling back to a wider scope's
   credentials (outbound_relay.scopes.ScopeIndex). One broken policy never touches another's settings.
+- Specs are read through the typed models of crd_models.py, parsed once per object (`from_body`); one the
+  models refuse is `Invalid` (reason InvalidSpec, the message names each field), and suspended when its
+  scope is still known.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from outbound_operator.crd_models import (
+    GroupSpec,
+    InvalidSpec,
+    PolicySpec,
+    SecretKeyRef,
+    parse_group_spec,
+    parse_policy_spec,
+)
 from outbound_operator.resources import API_VERSION, CONFIG_KEY, POLICY_KIND, RENDERED_SECRET
 from outbound_relay.config import (
     ConfigError,
@@ -58,7 +69,7 @@ POLICY_CONDITIONS = (
     ConditionType.INVALID,
     ConditionType.CONFLICT,
 )
-GROUP_CONDITIONS = (ConditionType.READY, ConditionType.CONFLICT)
+GROUP_CONDITIONS = (ConditionType.READY, ConditionType.INVALID, ConditionType.CONFLICT)
 
 # Reason of a problem condition when it is False.
 _CLEAR_REASONS = {
@@ -73,52 +84,58 @@ class RenderError(RuntimeError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SecretKeyRef:
-    name: str
-    key: str
-
-    @classmethod
-    def from_spec(cls, ref: Mapping[str, Any]) -> SecretKeyRef:
-        return cls(name=str(ref["name"]), key=str(ref["key"]))
-
-
-@dataclass(frozen=True, kw_only=True)
-class PolicySource:
-    """The parts of an OutboundAuthPolicy that rendering reads."""
+class ObjectMeta:
+    """The metadata rendering reads."""
 
     name: str
     uid: str
     created: str  # metadata.creationTimestamp (RFC 3339, UTC: sorts in time order)
     generation: int
-    spec: Mapping[str, Any]
+
+    @staticmethod
+    def fields_of(body: Mapping[str, Any]) -> dict[str, Any]:
+        """These fields from an object as the API returns it, as keyword arguments."""
+        metadata = body.get("metadata") or {}
+        return {
+            "name": str(metadata["name"]),
+            "uid": str(metadata.get("uid", "")),
+            "created": str(metadata.get("creationTimestamp", "")),
+            "generation": int(metadata.get("generation", 0)),
+        }
 
     @property
     def age_key(self) -> tuple[str, str]:
         return (self.created, self.name)
-
-    def secret_refs(self) -> dict[str, SecretKeyRef]:
-        """The Secret keys this policy reads, by the field that names them."""
-        refs: dict[str, SecretKeyRef] = {}
-        for path in ("userSecretRef", "passwordSecretRef"):
-            if isinstance(self.spec.get(path), Mapping):
-                refs[path] = SecretKeyRef.from_spec(self.spec[path])
-        tls = self.spec.get("tls")
-        if isinstance(tls, Mapping) and isinstance(tls.get("caSecretRef"), Mapping):
-            refs["tls.caSecretRef"] = SecretKeyRef.from_spec(tls["caSecretRef"])
-        return refs
 
 
 @dataclass(frozen=True, kw_only=True)
-class BindingGroupSource:
-    name: str
-    uid: str
-    created: str
-    generation: int
-    bindings: tuple[str, ...]
+class PolicySource(ObjectMeta):
+    """An OutboundAuthPolicy as rendering reads it: its spec parsed once, or why it could not be."""
 
-    @property
-    def age_key(self) -> tuple[str, str]:
-        return (self.created, self.name)
+    spec: PolicySpec | InvalidSpec
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PolicySource:
+        return cls(**cls.fields_of(body), spec=parse_policy_spec(body.get("spec")))
+
+    def secret_refs(self) -> dict[str, SecretKeyRef]:
+        """The Secret keys this policy reads, by the field that names them (none for an invalid spec:
+        it renders no settings)."""
+        spec = self.spec
+        if isinstance(spec, InvalidSpec):
+            return {}
+        refs = {"userSecretRef": spec.user_secret_ref, "passwordSecretRef": spec.password_secret_ref}
+        refs["tls.caSecretRef"] = spec.tls.ca_secret_ref if spec.tls is not None else None
+        return {path: ref for path, ref in refs.items() if ref is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BindingGroupSource(ObjectMeta):
+    spec: GroupSpec | InvalidSpec
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> BindingGroupSource:
+        return cls(**cls.fields_of(body), spec=parse_group_spec(body.get("spec")))
 
 
 def referenced_secrets(policies: Iterable[PolicySource]) -> frozenset[str]:
@@ -264,19 +281,25 @@ class _PolicyOutcome:
     scope: Scope | None = None
 
 
+def _invalid_spec(spec: InvalidSpec) -> Problem:
+    return Problem(type=ConditionType.INVALID, reason="InvalidSpec", message="; ".join(spec.errors))
+
+
 def _settings(
     namespace: str, source: PolicySource, secrets: Mapping[str, Mapping[str, bytes]]
 ) -> tuple[dict[str, Any], dict[str, bytes], list[Problem]]:
     """The policy's relay.yaml settings (after name and scope), the extra files, and what is wrong."""
     spec = source.spec
+    if isinstance(spec, InvalidSpec):
+        return {}, {}, [_invalid_spec(spec)]
     problems: list[Problem] = []
     settings: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     refs = source.secret_refs()
-    if "type" in spec:
-        settings["type"] = spec["type"]
-    if "user" in spec:
-        settings["user"] = spec["user"]
+    if spec.type is not None:
+        settings["type"] = spec.type.value
+    if spec.user is not None:
+        settings["user"] = spec.user
     for path, setting in (("userSecretRef", "user"), ("passwordSecretRef", "password")):
         if path in refs:
             raw, missing = _secret_value(namespace, refs[path], secrets)
@@ -289,14 +312,10 @@ def _settings(
                 problems.append(bad)
             else:
                 settings[setting] = text
-    if isinstance(spec.get("gateway"), Mapping):
-        settings["gateway"] = {"host": spec["gateway"].get("host"), "port": spec["gateway"].get("port")}
-    if isinstance(spec.get("tls"), Mapping):
-        tls = spec["tls"]
-        rendered_tls: dict[str, Any] = {
-            "mode": tls.get("mode", "starttls"),
-            "verify": tls.get("verify", True),
-        }
+    if spec.gateway is not None:
+        settings["gateway"] = {"host": spec.gateway.host, "port": spec.gateway.port}
+    if spec.tls is not None:
+        rendered_tls: dict[str, Any] = {"mode": spec.tls.mode.value, "verify": spec.tls.verify}
         if "tls.caSecretRef" in refs:
             ref = refs["tls.caSecretRef"]
             raw, missing = _secret_value(namespace, ref, secrets)
@@ -315,9 +334,9 @@ def _settings(
                 files[key] = raw
                 rendered_tls["caFile"] = key
         settings["tls"] = rendered_tls
-    if "maxConnections" in spec:
-        settings["maxConnections"] = spec["maxConnections"]
-    if "oauth2" in spec:
+    if spec.max_connections is not None:
+        settings["maxConnections"] = spec.max_connections
+    if spec.oauth2 is not None:
         problems.append(
             Problem(
                 type=ConditionType.INVALID,
@@ -343,13 +362,19 @@ def _render_policy(
 ) -> _PolicyOutcome:
     result = _PolicyOutcome()
     name = f"{namespace}/{source.name}"
-    raw_scope = source.spec.get("scope") or {}
+    typed_scope = source.spec.scope
+    if typed_scope is None and isinstance(source.spec, InvalidSpec):
+        message = "; ".join(source.spec.errors)
+        result.problems.append(Problem(type=ConditionType.INVALID, reason="InvalidScope", message=message))
+        result.outcome = "The policy is not rendered."
+        return result
+    raw_scope = typed_scope.model_dump(by_alias=True, exclude_none=True) if typed_scope is not None else {}
     try:
-        scope = Scope.model_validate(raw_scope)
+        scope = Scope.model_validate(raw_scope)  # the relay's reading: normalised, as relay.yaml has it
     except ValidationError as error:
         reason = format_validation_error(error, raw_scope).replace("\n", "; ")
         result.problems.append(
-            Problem(type=ConditionType.INVALID, reason="InvalidScope", message=f"scope: {reason}")
+            Problem(type=ConditionType.INVALID, reason="InvalidScope", message=f"spec.scope: {reason}")
         )
         result.outcome = "The policy is not rendered."
         return result
@@ -413,9 +438,18 @@ def _render_groups(
     rendered: dict[str, tuple[str, ...]] = {}
     verdicts: dict[str, Verdict] = {}
     for group in sorted(groups, key=lambda g: g.age_key):
+        if isinstance(group.spec, InvalidSpec):
+            verdicts[group.name] = make_verdict(
+                GROUP_CONDITIONS,
+                generation=group.generation,
+                problems=[_invalid_spec(group.spec)],
+                ready_message="",
+                outcome="The group is not rendered: its bindings belong to no group.",
+            )
+            continue
         problems = []
         kept = []
-        for binding in sorted(set(group.bindings)):
+        for binding in sorted(set(group.spec.bindings)):
             if binding in group_of:
                 problems.append(
                     Problem(

@@ -233,6 +233,9 @@ def test_webhook_configuration_cannot_take_a_namespace_down(
     {"operator": {"watchNamespaces": ["Not_A_Namespace"]}},
     {"relay": {"logLevel": "chatty"}},
     {"relay": {"metricsPort": 0}},
+    # Generated from the operator's own checks (chart_schema.py): values it would refuse at start.
+    {"relay": {"resources": {"limits": {"cpu": "1.2.3"}}}},
+    {"relay": {"hooksConfigMap": "Mail_Hooks"}},
     {"image": {"repository": ""}},
     {"unknownTopLevel": True},
 ])  # fmt: skip

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
 import pytest
 from kubernetes import client
 
-from outbound_operator.resources import GROUP, POLICY_PLURAL, VERSION
+from outbound_operator.crd_models import InvalidSpec, parse_group_spec, parse_policy_spec
+from outbound_operator.injection import (
+    ANNOTATION_BINDING,
+    ANNOTATION_INJECT,
+    InjectionError,
+    InjectionSettings,
+    injection_patch,
+)
+from outbound_operator.resources import GROUP, GROUP_KIND, GROUP_PLURAL, POLICY_KIND, POLICY_PLURAL, VERSION
 from tests.operator.cluster import Objects, call_json
 
 VALID: dict[str, Any] = {
@@ -129,3 +138,86 @@ def test_status_is_a_subresource(objects: Objects) -> None:
         body,
     )
     assert "status" not in updated
+
+
+def dry_run(objects: Objects, plural: str, kind: str, spec: dict[str, Any]) -> str | None:
+    """None if the API server would admit an object with this spec, else its message (nothing is stored)."""
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": kind,
+        "metadata": {"name": "probe", "namespace": objects.namespace},
+        "spec": spec,
+    }
+    try:
+        objects.custom.create_namespaced_custom_object(
+            GROUP, VERSION, objects.namespace, plural, body, dry_run="All", _preload_content=False
+        )
+    except client.exceptions.ApiException as error:
+        if error.status != 422:
+            raise
+        message: str = json.loads(str(error.body))["message"]
+        return message
+    return None
+
+
+REF = {"name": "s", "key": "k"}
+OAUTH2 = {"tokenURL": "https://login.example/token"}
+
+
+SCOPES = [{}, {"binding": "b"}, {"bindingGroup": "g"}, {"binding": "b", "bindingGroup": "g"}]
+
+
+@pytest.mark.parametrize("scope", SCOPES, ids=["global", "binding", "group", "binding-and-group"])
+def test_cel_rules_and_the_models_rules_agree(objects: Objects, scope: dict[str, str]) -> None:
+    """Every combination of the fields the CEL rules name: the API server admits a spec exactly when the
+    operator's model does, and says what the model says (crd_models.Rule is the one source of both)."""
+    fields = {"user": "u", "userSecretRef": REF, "passwordSecretRef": REF, "oauth2": OAUTH2}
+    types = [None, "PLAIN", "LOGIN", "XOAUTH2"]
+    admitted = 0
+    for present in itertools.product([False, True], repeat=len(fields)):
+        for auth_type in types:
+            spec: dict[str, Any] = {"scope": scope} if scope else {}
+            spec |= {key: value for (key, value), on in zip(fields.items(), present, strict=True) if on}
+            if auth_type is not None:
+                spec["type"] = auth_type
+            refused = dry_run(objects, POLICY_PLURAL, POLICY_KIND, spec)
+            parsed = parse_policy_spec(spec)
+            if refused is None:
+                admitted += 1
+                assert not isinstance(parsed, InvalidSpec), (spec, parsed)
+            else:
+                assert isinstance(parsed, InvalidSpec), (spec, refused)
+                for error in parsed.errors:
+                    for message in error.split(": ", 1)[1].split("; "):
+                        assert message in refused, (spec, message, refused)
+    # Per scope: without oauth2, 3 user choices (none, user, userSecretRef) x 2 x 4 types; with oauth2, the
+    # 3 user choices with type XOAUTH2 and no passwordSecretRef.
+    assert admitted == (0 if "binding" in scope and "bindingGroup" in scope else 3 * 2 * 4 + 3)
+
+
+@pytest.mark.parametrize(
+    "binding", ["bulk-a", "Bulk_A.1", "x" * 63, "x" * 64, "bulk mail", "-x", "a;b", "ü", ""]
+)
+def test_a_binding_is_admitted_by_policies_groups_and_the_injector_alike(
+    objects: Objects, binding: str
+) -> None:
+    """One rule for a binding name: in a policy's scope, in a group, and in a Pod's annotation."""
+    in_policy = dry_run(objects, POLICY_PLURAL, POLICY_KIND, {"scope": {"binding": binding}})
+    in_group = dry_run(objects, GROUP_PLURAL, GROUP_KIND, {"bindings": [binding]})
+    pod = {
+        "metadata": {"annotations": {ANNOTATION_INJECT: "true", ANNOTATION_BINDING: binding}},
+        "spec": {"containers": [{"name": "app", "image": "app"}]},
+    }
+    try:
+        injection_patch(pod, InjectionSettings())
+        injected = True
+    except InjectionError:
+        injected = False
+    valid = (
+        len(binding) <= 63
+        and binding[:1].isascii()
+        and binding[:1].isalnum()
+        and all(c.isascii() and (c.isalnum() or c in "_.-") for c in binding)
+    )
+    assert (in_policy is None, in_group is None, injected) == (valid, valid, valid)
+    assert isinstance(parse_group_spec({"bindings": [binding]}), InvalidSpec) is not valid

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -240,11 +241,23 @@ def test_settings_load_from_the_charts_camel_case(tmp_path: Path) -> None:
     settings = InjectionSettings.load(path)
     assert settings.image == "r/relay:1" and settings.metrics_port == 9999 and settings.run_as_user == 1000
     path.write_text("imagePullPolicy: Sometimes\n")
-    with pytest.raises(ValueError, match=r"sidecar\.yaml: imagePullPolicy: String should match"):
+    with pytest.raises(ValueError, match=r"sidecar\.yaml: imagePullPolicy: Input should be 'Always'"):
         InjectionSettings.load(path)
     path.write_text("imageTypo: x\n")
     with pytest.raises(ValueError, match="imageTypo"):
         InjectionSettings.load(path)
+    # What values.schema.json refuses (generated from these settings), the operator refuses at start.
+    for bad, where in (
+        ("hooksConfigMap: Mail_Hooks", "hooksConfigMap: String should match pattern"),
+        (
+            "shutdownTimeoutSeconds: 25000",
+            "shutdownTimeoutSeconds: Input should be less than or equal to 3600",
+        ),
+        ("resources: {limits: {cpu: '-1'}}", "resources.limits: Value error, cpu: '-1' is not a Kubernetes"),
+    ):
+        path.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=re.escape(where)):
+            InjectionSettings.load(path)
 
 
 # --- the AdmissionReview answer ------------------------------------------------------------------------
