@@ -211,7 +211,14 @@ def sidecar_container(settings: InjectionSettings, *, binding: str | None = None
         # The app's containers start once this passes: nothing is submitted before the relay listens.
         "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 60},
         "readinessProbe": {**probe, "periodSeconds": 10},
-        "livenessProbe": {**probe, "periodSeconds": 20, "failureThreshold": 3},
+        # /healthz fails only when the relay can no longer run its hooks (docs/metrics.md); 30 s of it
+        # outlasts the hook worker's restart backoff (5 s at most).
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
         "resources": resources,
         "volumeMounts": [
             {"name": VOLUME_NAME, "mountPath": CONFIG_DIR, "readOnly": True},

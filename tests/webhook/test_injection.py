@@ -123,6 +123,13 @@ def test_metrics_port_setting_reaches_the_relay_and_the_probes() -> None:
     assert sidecar["startupProbe"]["httpGet"]["port"] == sidecar["ports"][0]["name"]
 
 
+def test_liveness_asks_the_relay_whether_it_can_still_run_hooks() -> None:
+    """/metrics answers while the hook worker cannot start; only /healthz tells, so liveness asks it."""
+    sidecar = sidecar_of(inject(pod(OPTED_IN), SETTINGS))
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": sidecar["ports"][0]["name"]}
+    assert sidecar["readinessProbe"]["httpGet"]["path"] == "/metrics"
+
+
 def test_resources_take_every_quantity_the_chart_schema_allows(tmp_path: Path) -> None:
     """values.schema.json allows numbers and any quantity key: sidecar.yaml with them must load (an error
     here is an operator crash-loop at start), and reach the container as strings."""

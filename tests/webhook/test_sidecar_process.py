@@ -28,10 +28,11 @@ RELAY = Path(sys.executable).parent / "outbound-relay"
 LISTEN_PORT = 2525  # where the sidecar listens (127.0.0.1) until relay.yaml says otherwise
 
 
-def _metrics_up(port: int) -> bool:
-    """What the sidecar's startupProbe does: GET /metrics on the relay-metrics port."""
+def _metrics_up(port: int, path: str = "/metrics") -> bool:
+    """What the sidecar's probes do: GET /metrics (startup, readiness) or /healthz (liveness) on the
+    relay-metrics port."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
@@ -80,6 +81,7 @@ def test_sidecar_serves_probes_on_the_configured_port_without_a_config(
     proc = _start(settings, config, log)
     run_sidecar.append(proc)
     _wait(lambda: _metrics_up(metrics_port), proc, log, "the startup probe on the configured port")
+    assert _metrics_up(metrics_port, "/healthz"), "the liveness probe passes too"
 
     # Meanwhile every transaction is deferred (the app retries later), not refused for good.
     assert _first_refusal() == 451
