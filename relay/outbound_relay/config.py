@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -37,10 +38,20 @@ CONTEXT_KEYS = ("outbound_smtp_auth_type", "outbound_smtp_auth_user", "outbound_
 
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _HOOK_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 3.3 scope-token
 
 
 class ConfigError(ValueError):
     """A relay config that cannot be used; the message names each bad key and why."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _fold(key: str) -> str:
@@ -90,16 +101,11 @@ class ListenConfig(Endpoint):
     @field_validator("host")
     @classmethod
     def _loopback(cls, host: str) -> str:
-        if host != "localhost":
-            try:
-                is_loopback = ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                is_loopback = False
-            if not is_loopback:
-                raise ValueError(
-                    f"must be a loopback address (127.0.0.1, ::1 or localhost), got {host!r}: "
-                    "the relay never accepts mail from the network"
-                )
+        if not _is_loopback(host):
+            raise ValueError(
+                f"must be a loopback address (127.0.0.1, ::1 or localhost), got {host!r}: "
+                "the relay never accepts mail from the network"
+            )
         return host
 
 
@@ -176,6 +182,132 @@ class TlsSettings(Model):
         return value.lower() if isinstance(value, str) else value
 
 
+def _read_secret_file(path: Path, where: str) -> SecretStr:
+    try:
+        return SecretStr(path.read_text(encoding="utf-8").rstrip("\r\n"))
+    except OSError as error:
+        raise ConfigError(f"{where} {str(path)!r} cannot be read: {error.strerror}") from None
+
+
+class OAuth2Settings(Model):
+    """Where an XOAUTH2 policy gets its access token: an OAuth2 token endpoint (RFC 6749), with the
+    refresh_token grant when a refresh token is given, else client_credentials."""
+
+    token_url: str = Field(alias="tokenUrl", min_length=1)
+    client_id: str | None = Field(default=None, alias="clientId", min_length=1)
+    client_id_file: Path | None = Field(default=None, alias="clientIdFile")
+    client_secret: SecretStr | None = Field(default=None, alias="clientSecret")
+    client_secret_file: Path | None = Field(default=None, alias="clientSecretFile")
+    refresh_token: SecretStr | None = Field(default=None, alias="refreshToken")
+    refresh_token_file: Path | None = Field(default=None, alias="refreshTokenFile")
+    scopes: tuple[str, ...] = ()
+    ca_file: Path | None = Field(default=None, alias="caFile")
+
+    @field_validator("token_url")
+    @classmethod
+    def _https(cls, url: str) -> str:
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("https", "http") or not parsed.hostname:
+            raise ValueError(f"must be an https:// URL, got {url!r}")
+        if parsed.username or parsed.password:
+            raise ValueError("must not carry credentials; use clientId and clientSecret")
+        if parsed.scheme == "http" and not _is_loopback(parsed.hostname):
+            raise ValueError(
+                f"must be https:// (http:// only to a loopback address), got {url!r}: "
+                "the client secret and tokens would cross the network in clear"
+            )
+        return url
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _scope_list(cls, value: object) -> object:
+        # RFC 6749 3.3 writes scopes space-delimited; accept that as well as a YAML list.
+        return value.split() if isinstance(value, str) else value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scope_tokens(cls, scopes: tuple[str, ...]) -> tuple[str, ...]:
+        for scope in scopes:
+            if not scope or not _SCOPE_TOKEN.match(scope):
+                raise ValueError(f"{scope!r} is not a scope token (RFC 6749 3.3: printable ASCII, no space)")
+        return scopes
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> OAuth2Settings:
+        problems = [
+            f"set {key} or {key}File, not both"
+            for key, value, file in (
+                ("clientId", self.client_id, self.client_id_file),
+                ("clientSecret", self.client_secret, self.client_secret_file),
+                ("refreshToken", self.refresh_token, self.refresh_token_file),
+            )
+            if value is not None and file is not None
+        ]
+        if self.client_id is None and self.client_id_file is None:
+            problems.append("clientId (or clientIdFile) is required")
+        if (
+            self.refresh_token is None
+            and self.refresh_token_file is None
+            and self.client_secret is None
+            and self.client_secret_file is None
+        ):
+            problems.append(
+                "the client_credentials grant (no refreshToken) needs clientSecret (or clientSecretFile)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def grant(self) -> str:
+        """The grant used to obtain access tokens."""
+        has_refresh = self.refresh_token is not None or self.refresh_token_file is not None
+        return "refresh_token" if has_refresh else "client_credentials"
+
+    def files(self) -> list[Path]:
+        found = [self.client_id_file, self.client_secret_file, self.refresh_token_file, self.ca_file]
+        return [path for path in found if path is not None]
+
+    def resolve_files(self, base_dir: Path, where: str) -> OAuth2Settings:
+        """Read the `*File` keys into their values and anchor `caFile`, relative to `base_dir`."""
+        updates: dict[str, Any] = {}
+        if self.client_id_file is not None:
+            value = _read_secret_file(base_dir / self.client_id_file, f"{where}clientIdFile")
+            updates["client_id"] = value.get_secret_value()
+        if self.client_secret_file is not None:
+            path = base_dir / self.client_secret_file
+            updates["client_secret"] = _read_secret_file(path, f"{where}clientSecretFile")
+        if self.refresh_token_file is not None:
+            path = base_dir / self.refresh_token_file
+            updates["refresh_token"] = _read_secret_file(path, f"{where}refreshTokenFile")
+        if self.ca_file is not None:
+            ca_file = base_dir / self.ca_file
+            if not ca_file.is_file():
+                raise ConfigError(f"{where}caFile {str(ca_file)!r} is not a readable file")
+            updates["ca_file"] = ca_file
+        return self.model_copy(update=updates) if updates else self
+
+    def identity(self) -> str:
+        """A digest of everything that decides which token the endpoint issues, never the token itself:
+        it keys the token cache and, through Route.identity, the upstream pool."""
+        digest = hashlib.sha256()
+        for part in (
+            self.token_url,
+            self.client_id or "",
+            str(self.client_id_file or ""),
+            self.client_secret.get_secret_value() if self.client_secret else "",
+            self.refresh_token.get_secret_value() if self.refresh_token else "",
+            " ".join(self.scopes),
+            str(self.ca_file or ""),
+        ):
+            digest.update(part.encode() + b"\0")
+        return digest.hexdigest()[:16]
+
+    def secrets(self) -> list[str]:
+        """The values that must never be logged."""
+        return [s.get_secret_value() for s in (self.client_secret, self.refresh_token) if s is not None]
+
+
 class Policy(Model):
     """One scope's settings. Each setting left out falls back, on its own, to a wider scope."""
 
@@ -187,6 +319,7 @@ class Policy(Model):
     user: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = Field(default=None, alias="passwordFile")
+    oauth2: OAuth2Settings | None = None  # XOAUTH2: the access token comes from a token endpoint
     gateway: Endpoint | None = None
     tls: TlsSettings | None = None
     max_connections: int | None = Field(default=None, alias="maxConnections", ge=1, le=1000)
@@ -203,6 +336,13 @@ class Policy(Model):
     def _one_password_source(self) -> Policy:
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or passwordFile, not both")
+        if self.oauth2 is not None:
+            if self.password is not None or self.password_file is not None:
+                raise ValueError("set password (or passwordFile) or oauth2, not both")
+            if self.type is not AuthType.XOAUTH2:
+                raise ValueError(
+                    "oauth2 needs type: XOAUTH2 in the same policy (it supplies an access token)"
+                )
         return self
 
 
@@ -325,20 +465,17 @@ def parse_config(data: Any, *, source: str = "relay.yaml") -> RelayConfig:
 
 
 def resolve_files(config: RelayConfig, base_dir: Path) -> RelayConfig:
-    """Read each `passwordFile` into `password` and anchor each `tls.caFile`; relative paths are relative
+    """Read each `passwordFile` into `password` (and the oauth2 `*File` keys into theirs) and anchor each
+    `caFile`; relative paths are relative
     to the config file, so a mounted Secret can carry the config and its files side by side."""
     policies = []
     for i, policy in enumerate(config.policies):
         where = f"policies[{i}] ({policy.name})"
         updates: dict[str, Any] = {}
         if policy.password_file is not None:
-            path = base_dir / policy.password_file
-            try:
-                updates["password"] = SecretStr(path.read_text(encoding="utf-8").rstrip("\r\n"))
-            except OSError as error:
-                raise ConfigError(
-                    f"{where}: passwordFile {str(path)!r} cannot be read: {error.strerror}"
-                ) from None
+            updates["password"] = _read_secret_file(base_dir / policy.password_file, f"{where}: passwordFile")
+        if policy.oauth2 is not None:
+            updates["oauth2"] = policy.oauth2.resolve_files(base_dir, f"{where}: oauth2.")
         if policy.tls is not None and policy.tls.ca_file is not None:
             ca_file = base_dir / policy.tls.ca_file
             if not ca_file.is_file():
@@ -381,10 +518,11 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def watched_files(config: RelayConfig, path: Path) -> tuple[Path, ...]:
-    """The files whose change means a reload: the config itself, every passwordFile, caFile and Lua hook
-    (relative paths are relative to the config's directory)."""
+    """The files whose change means a reload: the config itself, every passwordFile, caFile, oauth2 file
+    and Lua hook (relative paths are relative to the config's directory)."""
     extra = [p.password_file for p in config.policies if p.password_file is not None]
     extra += [p.tls.ca_file for p in config.policies if p.tls is not None and p.tls.ca_file is not None]
+    extra += [file for p in config.policies if p.oauth2 is not None for file in p.oauth2.files()]
     extra += config.hooks.lua
     return (path, *(path.parent / file for file in extra))
 

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from pydantic import SecretStr
 
-from outbound_relay.config import AuthType, Endpoint, Policy, RelayConfig, TlsSettings
+from outbound_relay.config import AuthType, Endpoint, OAuth2Settings, Policy, RelayConfig, TlsSettings
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -53,6 +53,17 @@ class Sourced(Generic[T_co]):
     source: str  # "policy mail/sparkpost (domain=sparkpost.com)", "hook", "default"
 
 
+@dataclass(frozen=True)
+class OAuth2Source:
+    """An `oauth2` block and the policy that sets it (which names it in metrics and replies)."""
+
+    policy: str
+    settings: OAuth2Settings
+
+    def identity(self) -> str:
+        return self.settings.identity()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Route:
     """Everything needed to deliver one transaction upstream."""
@@ -65,6 +76,9 @@ class Route:
     gateway: Sourced[Endpoint] | None
     tls: Sourced[TlsSettings]
     max_connections: Sourced[int]
+    # Instead of a password: where XOAUTH2's access token comes from. One policy gives the password or
+    # this, never both, and the two fall back together as one setting.
+    oauth2: Sourced[OAuth2Source] | None = None
     suspended: str | None = None  # why this route must not be used: a suspended policy in its way
 
     def with_overrides(self, *, type: str | None, user: str | None, password: str | None) -> Route:
@@ -76,22 +90,29 @@ class Route:
             password=Sourced(value=SecretStr(password), source="hook")
             if password is not None
             else self.password,
+            oauth2=None if password is not None else self.oauth2,
         )
 
     def identity(self) -> str:
-        """Who we authenticate as; a digest, so a pool key never carries the secret itself."""
+        """Who we authenticate as; a digest, so a pool key never carries the secret itself. With oauth2
+        it covers the token's source, not the token, which changes at every refresh."""
+        if self.oauth2 is not None:
+            secret = "oauth2:" + self.oauth2.value.identity()
+        else:
+            secret = self.password.value.get_secret_value() if self.password else ""
         digest = hashlib.sha256()
-        for part in (
-            self.type.value if self.type else "",
-            self.user.value if self.user else "",
-            self.password.value.get_secret_value() if self.password else "",
-        ):
+        for part in (self.type.value if self.type else "", self.user.value if self.user else "", secret):
             digest.update(part.encode() + b"\0")
         return digest.hexdigest()[:16]
 
 
 def _describe(policy: Policy) -> str:
     return f"policy {policy.name} ({policy.scope.describe()})"
+
+
+def _part(policy: Sourced[Policy] | None, setting: Callable[[Policy], T | None]) -> Sourced[T] | None:
+    value = None if policy is None else setting(policy.value)
+    return None if policy is None or value is None else Sourced(value=value, source=policy.source)
 
 
 def _domain_matches(pattern: str, domain: str) -> bool:
@@ -174,12 +195,14 @@ class ScopeIndex:
             unresolved.append(name)
             return None
 
+        secret = first("password", lambda p: p if p.password is not None or p.oauth2 is not None else None)
         route = Route(
             domain=domain,
             binding=binding,
             type=first("type", lambda p: p.type),
             user=first("user", lambda p: p.user),
-            password=first("password", lambda p: p.password),
+            password=_part(secret, lambda p: p.password),
+            oauth2=_part(secret, lambda p: OAuth2Source(p.name, p.oauth2) if p.oauth2 else None),
             gateway=first("gateway", lambda p: p.gateway),
             tls=first("tls", lambda p: p.tls) or Sourced(value=TlsSettings(), source="default"),
             max_connections=first("maxConnections", lambda p: p.max_connections)
