@@ -8,7 +8,8 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from outbound_relay.config import ConfigError, load_config
@@ -16,7 +17,7 @@ from outbound_relay.generation import Generation, Overrides
 from outbound_relay.hardening import disable_core_dumps
 from outbound_relay.pool import release_free_memory
 from outbound_relay.redaction import REDACTED, SecretRedactor
-from outbound_relay.scopes import Route, ScopeIndex, Sourced, level_of
+from outbound_relay.scopes import OAuth2Source, Route, ScopeIndex, Sourced, level_of
 
 log = logging.getLogger("outbound_relay")
 
@@ -32,6 +33,10 @@ def _setup_logging(level: str) -> SecretRedactor:
     # aiosmtpd logs every command line of every session (addresses included) at INFO: at our default
     # level that is five lines per message and a good part of the CPU; keep it for --log-level debug.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # httpx2 (OAuth2 token requests) logs each request at INFO and httpcore its steps at DEBUG; the relay
+    # logs what matters about a token request itself.
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return redactor
 
 
@@ -99,8 +104,14 @@ def _show(setting: Sourced[object] | None, render: str | None = None) -> tuple[s
     return (render if render is not None else str(setting.value)), setting.source
 
 
-def explain_route(index: ScopeIndex, rcpt: str, binding: str | None) -> str:
-    """What `explain` prints: each setting, its value (secrets redacted) and the scope it came from."""
+def explain_route(
+    index: ScopeIndex,
+    rcpt: str,
+    binding: str | None,
+    token_expiry: Callable[[str], str] = lambda policy: "unknown (no running relay asked)",
+) -> str:
+    """What `explain` prints: each setting, its value (secrets redacted) and the scope it came from.
+    `token_expiry(policy)` says when the running relay's cached OAuth2 token of that policy expires."""
     config = index.config
     domain = rcpt.rpartition("@")[2]
     binding = binding or config.default_binding
@@ -111,7 +122,10 @@ def explain_route(index: ScopeIndex, rcpt: str, binding: str | None) -> str:
     rows = [
         ("type", _show(route.type)),
         ("user", _show(route.user)),
-        ("password", _show(route.password, REDACTED)),
+        (
+            "password",
+            _show(route.oauth2, "(OAuth2 access token)") if route.oauth2 else _show(route.password, REDACTED),
+        ),
         (
             "gateway",
             _show(
@@ -131,6 +145,8 @@ def explain_route(index: ScopeIndex, rcpt: str, binding: str | None) -> str:
     ]
     for name, (value, source) in rows:
         lines.append(f"  {name:<15} {value:<32} from {source}")
+    if route.oauth2 is not None:
+        lines += _explain_oauth2(route.oauth2.value, token_expiry)
     chain = index.chain(domain, binding)
     lines.append("scopes consulted, most specific first:")
     lines += [f"  {level_of(p).value}. {p.name} ({p.scope.describe()})" for p in chain] or ["  (none)"]
@@ -139,6 +155,52 @@ def explain_route(index: ScopeIndex, rcpt: str, binding: str | None) -> str:
     elif route.type is None:
         lines.append("no scope sets type: mail on this route is sent without AUTH")
     return "\n".join(lines)
+
+
+def _explain_oauth2(source: OAuth2Source, token_expiry: Callable[[str], str]) -> list[str]:
+    settings = source.settings
+    return [
+        f"  the password is an OAuth2 access token from policy {source.policy}'s oauth2 block:",
+        f"    tokenUrl {settings.token_url}",
+        f"    grant {settings.grant}, clientId {settings.client_id}",
+        f"    scopes {' '.join(settings.scopes) or '(none)'}",
+        f"    cached token: {token_expiry(source.policy)}",
+    ]
+
+
+def running_token_expiry(metrics_url: str) -> Callable[[str], str]:
+    """When each policy's cached token expires, as the running relay's metrics endpoint says
+    (`outbound_relay_oauth2_token_expiry_seconds`); read once, on first use."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    error: list[str] = []
+
+    def read() -> None:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=3) as response:  # noqa: S310 (http only)
+                text = response.read().decode()
+        except (OSError, ValueError) as problem:
+            error.append(f"unknown (the relay's metrics at {metrics_url} cannot be read: {problem})")
+            return
+        for family in text_string_to_metric_families(text):
+            if family.name == "outbound_relay_oauth2_token_expiry_seconds":
+                for sample in family.samples:
+                    found[sample.labels["policy"]] = sample.value
+
+    def expiry(policy: str) -> str:
+        if not found and not error:
+            read()
+        if error:
+            return error[0]
+        if policy not in found:
+            return "none yet (the relay fetches one with the first message that needs it)"
+        seconds = found[policy]
+        if seconds < 0:
+            return f"expired {-seconds:.0f}s ago (the next message that needs it fetches a new one)"
+        return f"expires in {seconds:.0f}s"
+
+    return expiry
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -150,7 +212,10 @@ def _explain(args: argparse.Namespace) -> int:
     if "@" not in args.rcpt:
         print(f"--rcpt {args.rcpt!r}: expected an address like user@example.com", file=sys.stderr)
         return 2
-    print(explain_route(ScopeIndex(config), args.rcpt, args.binding))
+    port = config.metrics.port if args.metrics_port is None else args.metrics_port
+    host = "127.0.0.1" if config.metrics.host in ("0.0.0.0", "::", "") else config.metrics.host
+    expiry = running_token_expiry(f"http://{host}:{port}/metrics")
+    print(explain_route(ScopeIndex(config), args.rcpt, args.binding, expiry))
     return 0
 
 
@@ -235,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", type=Path, required=True)
     explain.add_argument("--rcpt", required=True, help="recipient address")
     explain.add_argument("--binding", help="binding of the message (default: defaultBinding)")
+    explain.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="the running relay's metrics port, asked when the cached OAuth2 tokens expire "
+        "(default: metrics.port of the file)",
+    )
     explain.set_defaults(run=_explain)
 
     imp = commands.add_parser("import-momentum", help="convert ecelerity.conf stanzas to Kubernetes YAML")

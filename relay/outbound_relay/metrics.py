@@ -19,6 +19,12 @@ class AuthResult(StrEnum):
     ERROR = "error"  # no verdict: connection lost, timeout, mechanism not offered
 
 
+class TokenResult(StrEnum):
+    SUCCESS = "success"  # an access token was issued
+    REFUSED = "refused"  # the token endpoint answered with an OAuth2 error (invalid_grant, invalid_client)
+    UNAVAILABLE = "unavailable"  # no usable answer: unreachable, TLS, timeout, not a token response
+
+
 class RelayMetrics:
     """One registry per relay, so several relays (tests) can live in one process."""
 
@@ -70,6 +76,20 @@ class RelayMetrics:
             "outbound_relay_config_info",
             "The config generation in force (a digest of relay.yaml), always 1.",
             ["generation"],
+            registry=r,
+        )
+        # Labelled by the policy that holds the oauth2 block: bounded by the config, and no secret.
+        self.oauth2_token_requests = Counter(
+            "outbound_relay_oauth2_token_requests",
+            "Requests to OAuth2 token endpoints, by policy and result.",
+            ["policy", "result"],
+            registry=r,
+        )
+        self.oauth2_token_expiry = Gauge(
+            "outbound_relay_oauth2_token_expiry_seconds",
+            "Seconds until the policy's cached OAuth2 access token expires (negative: expired since); "
+            "absent until its first token. Tokens are renewed when needed, shortly before they expire.",
+            ["policy"],
             registry=r,
         )
         for result in MessageResult:

@@ -19,6 +19,7 @@ from typing import Any
 
 from outbound_relay.errors import UpstreamUnavailable
 from outbound_relay.metrics import RelayMetrics
+from outbound_relay.oauth2 import TokenProvider
 from outbound_relay.scopes import Route
 from outbound_relay.session import TlsContexts, UpstreamKey, UpstreamSession
 
@@ -40,8 +41,10 @@ class UpstreamPool:
         connect_timeout: float,
         timeout: float,
         idle_timeout: float,
+        tokens: TokenProvider | None = None,
     ) -> None:
         self.metrics = metrics
+        self.tokens = tokens or TokenProvider(metrics, timeout=timeout)  # XOAUTH2 routes with oauth2
         self.local_hostname = local_hostname
         self.connect_timeout = connect_timeout
         self.timeout = timeout
@@ -127,6 +130,7 @@ class UpstreamPool:
                 connect_timeout=self.connect_timeout,
                 reply_timeout=self.timeout,
                 metrics=self.metrics,
+                tokens=self.tokens,
             )
         except BaseException:
             self._open -= 1  # the session closed itself

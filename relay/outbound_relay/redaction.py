@@ -15,10 +15,14 @@ class SecretRedactor(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
         self._secrets: tuple[str, ...] = ()
+        self._by_kind: dict[str, frozenset[str]] = {}
 
-    def set_secrets(self, secrets: Iterable[str]) -> None:
+    def set_secrets(self, secrets: Iterable[str], *, kind: str = "config") -> None:
+        """Replace the secrets of one kind: "config" (passwords, client secrets) when a config loads,
+        "oauth2" (access and refresh tokens) whenever a token endpoint issues new ones."""
+        self._by_kind[kind] = frozenset(s for s in secrets if len(s) >= MIN_SECRET_LENGTH)
         # Longest first, so a secret that contains another is replaced whole.
-        found = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
+        found = set().union(*self._by_kind.values())
         self._secrets = tuple(sorted(found, key=len, reverse=True))
 
     def redact(self, text: str) -> str:

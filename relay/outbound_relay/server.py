@@ -19,8 +19,10 @@ from outbound_relay.delivery import RelayHandler
 from outbound_relay.generation import NO_OVERRIDES, Generation, Overrides
 from outbound_relay.health import with_health
 from outbound_relay.metrics import RelayMetrics
+from outbound_relay.oauth2 import TokenProvider
 from outbound_relay.pool import UpstreamPool
 from outbound_relay.redaction import SecretRedactor
+from outbound_relay.scopes import OAuth2Source
 from outbound_relay.session import DOT_ATOM_ADDRESS
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,14 @@ class RelayServer:
         self.redactor = redactor
         self.overrides = overrides
         upstream = generation.config.upstream
+        self.tokens = TokenProvider(
+            self.metrics,
+            timeout=upstream.timeout_seconds,
+            on_secrets=None if redactor is None else lambda found: redactor.set_secrets(found, kind="oauth2"),
+        )
         self.pool = UpstreamPool(
             self.metrics,
+            tokens=self.tokens,
             local_hostname=socket.gethostname(),  # not getfqdn(): that may wait on DNS for every connection
             connect_timeout=upstream.connect_timeout_seconds,
             timeout=upstream.timeout_seconds,
@@ -87,9 +95,13 @@ class RelayServer:
             idle_timeout=upstream.idle_timeout_seconds,
         )
         self.metrics.set_generation(generation.short_digest)
+        self.tokens.timeout = upstream.timeout_seconds
+        policies = generation.config.policies
+        self.tokens.retain(OAuth2Source(p.name, p.oauth2) for p in policies if p.oauth2 is not None)
         if self.redactor is not None:
             self.redactor.set_secrets(
-                p.password.get_secret_value() for p in generation.config.policies if p.password is not None
+                [p.password.get_secret_value() for p in policies if p.password is not None]
+                + [secret for p in policies if p.oauth2 is not None for secret in p.oauth2.secrets()]
             )
 
     def _new_session(self) -> SMTP:
@@ -206,6 +218,7 @@ class RelayServer:
         if self._smtp_server is not None:
             await self._smtp_server.wait_closed()
         await self.pool.close()
+        await self.tokens.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -8,7 +8,8 @@ command it sent and so cannot pipeline (RFC 2920): with PIPELINING, MAIL, RCPT a
 DATA go out in one write, which saves two round trips and two writes per message.
 
 Each part of the conversation has one place:
-- `_authenticate`: AUTH, with the mechanism and credentials the route resolved to;
+- `_authenticate`: AUTH, with the mechanism and credentials the route resolved to (for an `oauth2` block,
+  an access token from oauth2.py, and once more with a new one if the upstream refuses a cached one);
 - `_mail_command`, `_rcpt_command`: the envelope's command lines and their parameters;
 - `encode_data`: the message as DATA sends it;
 - `Reply.parse` (reply.py), called by `ReplyReader`: every reply after the handshake;
@@ -36,6 +37,7 @@ from aiosmtplib.email import quote_address
 from outbound_relay.config import AuthType, TlsMode, TlsSettings
 from outbound_relay.errors import RouteMisconfigured, UpstreamAuthFailed, UpstreamUnavailable
 from outbound_relay.metrics import AuthResult, RelayMetrics
+from outbound_relay.oauth2 import TokenProvider
 from outbound_relay.reply import Reply
 from outbound_relay.scopes import Route
 
@@ -232,6 +234,7 @@ class UpstreamSession:
         connect_timeout: float,
         reply_timeout: float,
         metrics: RelayMetrics,
+        tokens: TokenProvider,
     ) -> UpstreamSession:
         """Connect, STARTTLS and EHLO as `route.tls` says, then AUTH if the route has a mechanism."""
         smtp = aiosmtplib.SMTP(
@@ -247,7 +250,7 @@ class UpstreamSession:
         try:
             await session._handshake(tls_context, connect_timeout)
             if route.type is not None:
-                await session._authenticate(route, metrics)
+                await session._authenticate(route, metrics, tokens)
         except BaseException:
             await session.close()
             raise
@@ -276,11 +279,11 @@ class UpstreamSession:
         except (aiosmtplib.SMTPException, OSError) as error:
             raise UpstreamUnavailable(f"cannot reach upstream {key}: {_reason(error)}") from None
 
-    async def _authenticate(self, route: Route, metrics: RelayMetrics) -> None:
+    async def _authenticate(self, route: Route, metrics: RelayMetrics, tokens: TokenProvider) -> None:
         assert route.type is not None
         mechanism = route.type.value
         where = f"upstream {self.key} (AUTH {mechanism} as set by {route.type.source})"
-        if route.user is None or route.password is None:
+        if route.user is None or (route.password is None and route.oauth2 is None):
             missing = "user" if route.user is None else "password"
             raise RouteMisconfigured(
                 f"AUTH {mechanism} from {route.type.source} needs a {missing}, and no scope gives one"
@@ -293,6 +296,10 @@ class UpstreamSession:
         if self.key.tls_mode is TlsMode.NONE:
             metrics.plaintext_auth.inc()
             log.warning("sending AUTH %s to %s without TLS, as tls.mode: none says", mechanism, self.key)
+        if route.oauth2 is not None:
+            await self._authenticate_oauth2(route, metrics, tokens, where)
+            return
+        assert route.password is not None
         user, secret = route.user.value, route.password.value.get_secret_value()
         try:
             if mechanism is AuthType.PLAIN:
@@ -310,6 +317,41 @@ class UpstreamSession:
             metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
             raise UpstreamUnavailable(f"AUTH with {where} did not complete: {_reason(error)}") from None
         metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.SUCCESS).inc()
+
+    async def _authenticate_oauth2(
+        self, route: Route, metrics: RelayMetrics, tokens: TokenProvider, where: str
+    ) -> None:
+        """AUTH XOAUTH2 with an access token from the policy's token endpoint. If the upstream refuses a
+        cached token, it may have been revoked or expired early: AUTH once more with a new one. A token
+        fetched for this very AUTH is not retried: the endpoint would only issue another like it."""
+        assert route.oauth2 is not None
+        assert route.user is not None
+        assert route.type is not None
+        if route.type.value is not AuthType.XOAUTH2:
+            raise RouteMisconfigured(
+                f"{route.oauth2.source} gives an oauth2 token source, but AUTH {route.type.value} "
+                f"(from {route.type.source}) needs a password"
+            )
+        source, user, refused = route.oauth2.value, route.user.value, None
+        for attempt in (1, 2):
+            token = await tokens.token(source, refused=refused)  # TokenUnavailable: a 454 naming it
+            try:
+                await self._smtp.auth_xoauth2(user, token.value)
+            except aiosmtplib.SMTPAuthenticationError as error:
+                metrics.auth_attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.FAILURE).inc()
+                if attempt == 1 and not token.fetched:
+                    log.info("%s refused the cached access token; asking for a new one", where)
+                    refused = token.value
+                    continue
+                raise UpstreamAuthFailed(
+                    f"authentication to {where} failed with a new access token from policy "
+                    f"{source.policy}'s oauth2.tokenUrl: {error.code} {_one_line(error.message)}"
+                ) from None
+            except (aiosmtplib.SMTPException, OSError) as error:
+                metrics.auth_attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.ERROR).inc()
+                raise UpstreamUnavailable(f"AUTH with {where} did not complete: {_reason(error)}") from None
+            metrics.auth_attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.SUCCESS).inc()
+            return
 
     def _take_over(self) -> None:
         """From now on, commands go through `_write` and `_read`, no longer through aiosmtplib."""
