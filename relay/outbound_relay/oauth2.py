@@ -82,7 +82,7 @@ class _Entry:
     failure: TokenUnavailable | None = None
     failures: int = 0
     retry_at: float = 0.0
-    requests: int = 0  # token requests made for this entry (tests, explain)
+    requests: int = 0  # token requests made for this entry
     secrets: tuple[str, ...] = field(default_factory=tuple)  # of this entry: tokens, for the redactor
 
 
@@ -102,6 +102,7 @@ class TokenProvider:
         self.retry_delay = retry_delay
         self._on_secrets = on_secrets
         self._entries: dict[tuple[str, str], _Entry] = {}
+        metrics.oauth2_token_expiry.set_function(self._gauge)
 
     # -- what AUTH uses ----------------------------------------------------------------------------
 
@@ -128,22 +129,19 @@ class TokenProvider:
     # -- what the relay around it uses ---------------------------------------------------------------
 
     def retain(self, sources: Iterable[OAuth2Source]) -> None:
-        """Forget the entries (and their gauges) of sources no longer in the config, keep the rest: a
-        reload that leaves a policy's oauth2 block alone keeps its token and rotated refresh token."""
+        """Forget the entries of sources no longer in the config, keep the rest: a reload that leaves a
+        policy's oauth2 block alone keeps its token and rotated refresh token."""
         keep = {(s.policy, s.identity()) for s in sources}
         for key in [key for key in self._entries if key not in keep]:
             entry = self._entries.pop(key)
             if entry.inflight is not None:
                 entry.inflight.cancel()
-            if not any(e.policy == entry.policy for e in self._entries.values()):
-                with contextlib.suppress(KeyError):
-                    self.metrics.oauth2_token_expiry.remove(entry.policy)
         self._publish_secrets()
 
-    def expires_in(self, policy: str) -> float | None:
-        """Seconds until the cached token of `policy` expires (negative: expired), None without one."""
-        found = [e for e in self._entries.values() if e.policy == policy and e.access_token is not None]
-        return min(e.expires_at for e in found) - time.monotonic() if found else None
+    def expires_in(self) -> float | None:
+        """Seconds until the soonest-expiring cached token expires (negative: expired), None without."""
+        found = [e.expires_at for e in self._entries.values() if e.access_token is not None]
+        return min(found) - time.monotonic() if found else None
 
     def secrets(self) -> list[str]:
         """The tokens held now (access and rotated refresh tokens): never to be logged."""
@@ -171,9 +169,9 @@ class TokenProvider:
             self._entries[key] = entry
         return entry
 
-    def _gauge(self, policy: str) -> float:
-        remaining = self.expires_in(policy)
-        return 0.0 if remaining is None else remaining
+    def _gauge(self) -> float:
+        remaining = self.expires_in()
+        return float("nan") if remaining is None else remaining
 
     def _settled(self, entry: _Entry, task: asyncio.Task[str]) -> None:
         entry.inflight = None
@@ -183,6 +181,9 @@ class TokenProvider:
     async def _request(self, entry: _Entry, settings: OAuth2Settings) -> str:
         entry.requests += 1
         where = f"OAuth2 token for policy {entry.policy} from {settings.token_url}"
+        # expires_in counts from when the endpoint issued the token: somewhere between our request and
+        # its answer; counting from the request errs on the safe side.
+        sent = time.monotonic()
         try:
             token = await self._fetch(entry, settings)
             access_token, lifetime = _parse(token)
@@ -197,19 +198,16 @@ class TokenProvider:
             # ValueError: a body that is not JSON (a proxy's error page, say).
             text = f"{where}: no usable answer from the token endpoint: {_reason(error)}"
             return self._failed(entry, TokenUnavailable(text, refused=False))
-        now = time.monotonic()
         rotated = token.get("refresh_token")
         if isinstance(rotated, str) and rotated and entry.refresh_token is not None:
             entry.refresh_token = rotated
         entry.access_token = access_token
-        entry.expires_at = now + lifetime
+        entry.expires_at = sent + lifetime
         entry.renew_at = entry.expires_at - min(MARGIN_SECONDS, lifetime * MARGIN_FRACTION)
         entry.failure, entry.failures = None, 0
         entry.secrets = tuple(s for s in (access_token, entry.refresh_token) if s)
         self._publish_secrets()
-        self.metrics.oauth2_token_requests.labels(policy=entry.policy, result=TokenResult.SUCCESS).inc()
-        policy = entry.policy  # the gauge appears with the policy's first token, and reads the cache
-        self.metrics.oauth2_token_expiry.labels(policy=policy).set_function(lambda: self._gauge(policy))
+        self.metrics.oauth2_token_requests.labels(result=TokenResult.SUCCESS).inc()
         log.info("%s: new access token, expires in %.0fs", where, lifetime)
         return access_token
 
@@ -242,7 +240,7 @@ class TokenProvider:
 
     def _failed(self, entry: _Entry, error: TokenUnavailable) -> str:
         result = TokenResult.REFUSED if error.refused else TokenResult.UNAVAILABLE
-        self.metrics.oauth2_token_requests.labels(policy=entry.policy, result=result).inc()
+        self.metrics.oauth2_token_requests.labels(result=result).inc()
         entry.failures += 1
         delay = min(self.retry_delay * 2 ** (entry.failures - 1), RETRY_DELAY_MAX)
         entry.failure, entry.retry_at = error, time.monotonic() + delay

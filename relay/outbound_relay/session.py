@@ -32,6 +32,7 @@ from typing import NamedTuple, cast
 
 import aiosmtplib
 from aiosmtplib import SMTPStatus
+from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.email import quote_address
 
 from outbound_relay.config import AuthType, TlsMode, TlsSettings
@@ -307,7 +308,7 @@ class UpstreamSession:
             elif mechanism is AuthType.LOGIN:
                 await smtp.auth_login(user, secret)
             else:
-                await smtp.auth_xoauth2(user, secret)
+                await auth_xoauth2(smtp, user, secret)
         except aiosmtplib.SMTPAuthenticationError as error:
             metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.FAILURE).inc()
             raise UpstreamAuthFailed(
@@ -336,7 +337,7 @@ class UpstreamSession:
         for attempt in (1, 2):
             token = await tokens.token(source, refused=refused)  # TokenUnavailable: a 454 naming it
             try:
-                await self._smtp.auth_xoauth2(user, token.value)
+                await auth_xoauth2(self._smtp, user, token.value)
             except aiosmtplib.SMTPAuthenticationError as error:
                 metrics.auth_attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.FAILURE).inc()
                 if attempt == 1 and not token.fetched:
@@ -498,6 +499,28 @@ class UpstreamSession:
                 self.broken = True
         except OSError:
             self.broken = True
+
+
+# RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
+MAX_COMMAND_LINE = 512
+
+
+async def auth_xoauth2(smtp: aiosmtplib.SMTP, user: str, token: str) -> None:
+    """AUTH XOAUTH2 (Google's and Microsoft's format). The credentials go in the AUTH command itself when
+    that line stays within 512 octets, else after the server's empty 334 challenge, as RFC 4954 4 asks:
+    a JWT access token alone is often longer (Dovecot's submission service refuses longer lines)."""
+    encoded = auth_xoauth2_encode(user, token)
+    if len(b"AUTH XOAUTH2 " + encoded + b"\r\n") <= MAX_COMMAND_LINE:
+        response = await smtp.execute_command(b"AUTH", b"XOAUTH2", encoded)
+    else:
+        response = await smtp.execute_command(b"AUTH", b"XOAUTH2")
+        if response.code == SMTPStatus.auth_continue:
+            response = await smtp.execute_command(encoded)
+    if response.code == SMTPStatus.auth_continue:
+        # A refusal comes as a challenge carrying a JSON error; an empty response gets the final reply.
+        response = await smtp.execute_command(b"")
+    if response.code != SMTPStatus.auth_successful:
+        raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
 
 def encode_data(content: bytes) -> bytes:
