@@ -1,6 +1,7 @@
 """Dovecot's submission service (Debian dovecot-submissiond) as a real upstream: STARTTLS required,
-then AUTH PLAIN / LOGIN against a passwd-file, or XOAUTH2 against the `oauth2` passdb validating
-HS256 JWTs locally. Accepted mail is relayed to a `RecordingSink`.
+then AUTH PLAIN / LOGIN against a passwd-file, or XOAUTH2 against the `oauth2` passdb, which validates
+HS256 JWTs locally or, given `oauth2_introspection_url`, asks an authorization server about each token
+(RFC 7662 introspection, e.g. Ory Hydra's, see hydra.py). Accepted mail is relayed to a `RecordingSink`.
 
     with DovecotSubmission() as dovecot:
         ... aiosmtplib.SMTP(hostname=dovecot.host, port=dovecot.port, ...) ...
@@ -50,15 +51,19 @@ class DovecotSubmission(DaemonPeer):
         auth_failure_delay: str = "0",
         startup_timeout: float = 20,
         relay_to: tuple[str, int] | None = None,
+        oauth2_introspection_url: str | None = None,
     ) -> None:
         """`relay_to` (host, port): where submission relays accepted mail instead of to a
-        `RecordingSink` of its own, e.g. Postfix's smtp-sink in benchmarks; `sink` is then unavailable."""
+        `RecordingSink` of its own, e.g. Postfix's smtp-sink in benchmarks; `sink` is then unavailable.
+        `oauth2_introspection_url`: XOAUTH2 tokens are valid when this endpoint calls them active (and
+        their `sub` is the user), instead of when they carry `make_token`'s signature."""
         super().__init__(DOVECOT_HOST, port or free_port(DOVECOT_HOST), workdir, tls, startup_timeout)
         self.users = dict(users or DEFAULT_USERS)
         # Real Dovecot sleeps 2 s before a failed AUTH reply; tests of failures don't need to wait.
         self._auth_failure_delay = auth_failure_delay
         self._max_userip_connections = max_userip_connections
         self._hs256_key = secrets.token_bytes(32)
+        self._introspection_url = oauth2_introspection_url
         self._sink = RecordingSink() if relay_to is None else None
         self.relay_to: tuple[str, int] = relay_to or (self.sink.host, self.sink.port)
 
@@ -139,11 +144,18 @@ class DovecotSubmission(DaemonPeer):
         key_file = d / "keys" / "default" / "HS256" / "default"
         key_file.parent.mkdir(mode=0o755, parents=True)
         key_file.write_text(base64.b64encode(self._hs256_key).decode())
-        (d / "oauth2.conf").write_text(
-            "introspection_mode = local\n"
-            f"local_validation_key_dict = fs:posix:prefix={d}/keys/\n"
-            "username_attribute = sub\n"
-        )
+        if self._introspection_url is None:
+            validation = (
+                f"introspection_mode = local\nlocal_validation_key_dict = fs:posix:prefix={d}/keys/\n"
+            )
+        else:
+            # RFC 7662: POST token=...; the answer's "active" must be true. Asked at every AUTH (Dovecot's
+            # auth cache is off), so a token revoked at the server is refused at once.
+            validation = (
+                f"introspection_mode = post\nintrospection_url = {self._introspection_url}\n"
+                "active_attribute = active\nactive_value = true\n"
+            )
+        (d / "oauth2.conf").write_text(validation + "username_attribute = sub\n")
         for path in (d / "users", key_file, d / "oauth2.conf"):
             path.chmod(0o644)  # read by the auth process as the dovecot user
 
