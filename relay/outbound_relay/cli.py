@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import signal
 import sys
 import urllib.request
@@ -168,37 +169,40 @@ def _explain_oauth2(source: OAuth2Source, token_expiry: Callable[[str], str]) ->
     ]
 
 
-def running_token_expiry(metrics_url: str) -> Callable[[str], str]:
-    """When each policy's cached token expires, as the running relay's metrics endpoint says
-    (`outbound_relay_oauth2_token_expiry_seconds`); read once, on first use."""
+def running_token_expiry(metrics_url: str, sources: int) -> Callable[[str], str]:
+    """When the running relay's cached token expires, as its metrics endpoint says (read on first use):
+    `outbound_relay_oauth2_token_expiry_seconds` is the soonest-expiring of its `sources` token sources,
+    so it is the policy's own when there is one source (metrics never carry policy names)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    found: dict[str, float] = {}
-    error: list[str] = []
+    read: list[str] = []
 
-    def read() -> None:
+    def fetch() -> str:
         try:
             with urllib.request.urlopen(metrics_url, timeout=3) as response:  # noqa: S310 (http only)
                 text = response.read().decode()
         except (OSError, ValueError) as problem:
-            error.append(f"unknown (the relay's metrics at {metrics_url} cannot be read: {problem})")
-            return
-        for family in text_string_to_metric_families(text):
-            if family.name == "outbound_relay_oauth2_token_expiry_seconds":
-                for sample in family.samples:
-                    found[sample.labels["policy"]] = sample.value
+            return f"unknown (the relay's metrics at {metrics_url} cannot be read: {problem})"
+        seconds = next(
+            (
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "outbound_relay_oauth2_token_expiry_seconds"
+            ),
+            math.nan,
+        )
+        if math.isnan(seconds):
+            return "none yet (the relay fetches one with the first message that needs it)"
+        which = "" if sources == 1 else f" (the soonest of the relay's {sources} token sources)"
+        if seconds < 0:
+            return f"expired {-seconds:.0f}s ago{which}; the next message that needs it fetches a new one"
+        return f"expires in {seconds:.0f}s{which}"
 
     def expiry(policy: str) -> str:
-        if not found and not error:
-            read()
-        if error:
-            return error[0]
-        if policy not in found:
-            return "none yet (the relay fetches one with the first message that needs it)"
-        seconds = found[policy]
-        if seconds < 0:
-            return f"expired {-seconds:.0f}s ago (the next message that needs it fetches a new one)"
-        return f"expires in {seconds:.0f}s"
+        if not read:
+            read.append(fetch())
+        return read[0]
 
     return expiry
 
@@ -214,7 +218,8 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
     port = config.metrics.port if args.metrics_port is None else args.metrics_port
     host = "127.0.0.1" if config.metrics.host in ("0.0.0.0", "::", "") else config.metrics.host
-    expiry = running_token_expiry(f"http://{host}:{port}/metrics")
+    sources = {(p.name, p.oauth2.identity()) for p in config.policies if p.oauth2 is not None}
+    expiry = running_token_expiry(f"http://{host}:{port}/metrics", len(sources))
     print(explain_route(ScopeIndex(config), args.rcpt, args.binding, expiry))
     return 0
 

@@ -78,18 +78,16 @@ class RelayMetrics:
             ["generation"],
             registry=r,
         )
-        # Labelled by the policy that holds the oauth2 block: bounded by the config, and no secret.
         self.oauth2_token_requests = Counter(
             "outbound_relay_oauth2_token_requests",
-            "Requests to OAuth2 token endpoints, by policy and result.",
-            ["policy", "result"],
+            "Requests to OAuth2 token endpoints, by result.",
+            ["result"],
             registry=r,
         )
         self.oauth2_token_expiry = Gauge(
             "outbound_relay_oauth2_token_expiry_seconds",
-            "Seconds until the policy's cached OAuth2 access token expires (negative: expired since); "
-            "absent until its first token. Tokens are renewed when needed, shortly before they expire.",
-            ["policy"],
+            "Seconds until the soonest-expiring cached OAuth2 access token expires (negative: expired "
+            "since; NaN: none cached). Tokens are renewed when needed, shortly before they expire.",
             registry=r,
         )
         for result in MessageResult:
@@ -98,6 +96,9 @@ class RelayMetrics:
             self.upstream_connections.labels(state=state)
         for outcome in ("success", "failure"):
             self.config_reloads.labels(result=outcome)
+        for token_result in TokenResult:
+            self.oauth2_token_requests.labels(result=token_result.value)
+        self.oauth2_token_expiry.set(float("nan"))
         for kind in ("error", "timeout"):
             self.hook_errors.labels(kind=kind)
         self._generation: str | None = None
