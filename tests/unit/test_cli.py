@@ -190,3 +190,31 @@ def test_serve_rejects_an_empty_default_binding(
         main(["serve", "--config", str(config_path), "--default-binding", " "])
     assert exited.value.code == 2
     assert "a binding name must not be empty" in capsys.readouterr().err
+
+
+def test_explain_oauth2_without_a_running_relay(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The source of the token, never the client secret; the cached token's expiry is asked from the
+    relay's metrics port, and nothing listens there."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    policy = {
+        "name": "mail/o365", "type": "XOAUTH2", "user": "sender@contoso.com",
+        "oauth2": {"tokenUrl": "https://login.microsoftonline.com/contoso/oauth2/v2.0/token",
+                   "clientId": "app-id", "clientSecret": "s3cret-client-value",
+                   "scopes": ["https://outlook.office365.com/.default"]},
+        "gateway": {"host": "smtp.office365.com", "port": 587},
+    }  # fmt: skip
+    write_config(config_path, {"policies": [policy]})
+    argv = ["explain", "--config", str(config_path), "--rcpt", "a@contoso.com"]
+    assert main([*argv, "--metrics-port", str(closed_port)]) == 0
+    out = capsys.readouterr().out
+    assert "(OAuth2 access token)" in out
+    assert "the password is an OAuth2 access token from policy mail/o365's oauth2 block" in out
+    assert "tokenUrl https://login.microsoftonline.com/contoso/oauth2/v2.0/token" in out
+    assert "grant client_credentials, clientId app-id" in out
+    assert "scopes https://outlook.office365.com/.default" in out
+    assert f"cached token: unknown (the relay's metrics at http://127.0.0.1:{closed_port}/metrics" in out
+    assert "s3cret-client-value" not in out

@@ -133,3 +133,13 @@ def test_redactor_scrubs_a_secret_that_a_log_call_would_leak() -> None:
     )
     assert redactor.filter(record)
     assert record.getMessage() == "sent *** to ab"  # two-letter values would blank ordinary words
+
+
+def test_redactor_keeps_config_secrets_and_tokens_apart() -> None:
+    """Tokens come and go as they are renewed; config secrets stay until the next config."""
+    redactor = SecretRedactor()
+    redactor.set_secrets(["client-secret-value"])
+    redactor.set_secrets(["access-token-1"], kind="oauth2")
+    assert redactor.redact("client-secret-value access-token-1") == "*** ***"
+    redactor.set_secrets(["access-token-2"], kind="oauth2")
+    assert redactor.redact("client-secret-value access-token-1 access-token-2") == "*** access-token-1 ***"
