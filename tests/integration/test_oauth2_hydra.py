@@ -304,3 +304,34 @@ async def test_provider_makes_one_request_for_many_waiters(hydra: Hydra, tmp_pat
     with pytest.raises(TokenUnavailable, match=r"OAuth2 token for policy p/bad .* refused"):
         await provider.token(bad)
     await provider.close()
+
+
+async def test_reload_keeps_the_token_unless_its_source_changes(
+    hydra_long: Hydra, dovecot_hydra_long: DovecotSubmission, ca: TLSFiles, tmp_path: Path
+) -> None:
+    client = hydra_long.create_client(scopes=("smtp", "other"))
+    policy = oauth2_policy(
+        "it/reload", hydra_long, dovecot_hydra_long, ca, user=client.id, **client_config(client, tmp_path)
+    )
+    path = tmp_path / "relay.yaml"
+    write_config(path, {"upstream": {"idleTimeoutSeconds": 0.3}, "policies": [policy]})
+
+    async def reload(change: dict[str, Any]) -> None:
+        reloads = counter(relay, "outbound_relay_config_reloads_total", result="success")
+        write_config(path, {"upstream": {"idleTimeoutSeconds": 0.3}, "policies": [{**policy, **change}]})
+        deadline = time.monotonic() + 10
+        while counter(relay, "outbound_relay_config_reloads_total", result="success") == reloads:
+            assert time.monotonic() < deadline, "no reload"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # and the pooled session closes: the next message authenticates anew
+
+    async with running_relay(path) as relay:
+        codes = [(await submit(relay.port, [unique()], message())).code]
+        await reload({"maxConnections": 2})  # not the token's source: the cached token stays
+        codes.append((await submit(relay.port, [unique()], message())).code)
+        kept = token_requests(relay)
+        await reload({"oauth2": {**policy["oauth2"], "scopes": ["smtp", "other"]}})  # a new source
+        codes.append((await submit(relay.port, [unique()], message())).code)
+        renewed = token_requests(relay)
+    assert codes == [250, 250, 250]
+    assert (kept, renewed) == (1, 2)
