@@ -15,7 +15,6 @@ The protocol (request bodies, client authentication, error responses) is Authlib
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -133,9 +132,8 @@ class TokenProvider:
         policy's oauth2 block alone keeps its token and rotated refresh token."""
         keep = {(s.policy, s.identity()) for s in sources}
         for key in [key for key in self._entries if key not in keep]:
-            entry = self._entries.pop(key)
-            if entry.inflight is not None:
-                entry.inflight.cancel()
+            # A request in flight finishes for those waiting on it; its entry is gone all the same.
+            del self._entries[key]
         self._publish_secrets()
 
     def expires_in(self) -> float | None:
@@ -152,11 +150,12 @@ class TokenProvider:
         return 0 if entry is None else entry.requests
 
     async def close(self) -> None:
-        for entry in self._entries.values():
-            if entry.inflight is not None:
-                entry.inflight.cancel()
-                with contextlib.suppress(BaseException):
-                    await entry.inflight
+        """Cancel requests still in flight (at shutdown, after the last transaction)."""
+        tasks = [e.inflight for e in self._entries.values() if e.inflight is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     # -- internals --------------------------------------------------------------------------------
 
