@@ -91,6 +91,12 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as {len(self.state.received)}"
 
 
+class _SMTP(SMTP):
+    # RFC 4954 4: AUTH responses to a challenge may be up to 12288 octets (a JWT access token is longer
+    # than a 512-octet command line); commands themselves stay limited to 512 (command_size_limit).
+    line_length_limit = 12288
+
+
 class AuthUpstream:
     """Use as `async with AuthUpstream(tls, users={...}) as up:`; `up.port` is its loopback port."""
 
@@ -154,7 +160,7 @@ class AuthUpstream:
         return smtp
 
     def _smtp(self) -> SMTP:
-        return SMTP(
+        return _SMTP(
             _Handler(self.state),
             hostname="upstream.test",
             authenticator=self._authenticate,
