@@ -22,9 +22,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx2
-from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
-
 from outbound_relay.config import OAuth2Settings
 from outbound_relay.errors import RelayError
 from outbound_relay.metrics import RelayMetrics, TokenResult
@@ -188,15 +185,6 @@ class TokenProvider:
             access_token, lifetime = _parse(token)
         except _Problem as problem:
             return self._failed(entry, TokenUnavailable(f"{where}: {problem.text}", refused=problem.refused))
-        except OAuthError as error:
-            text = f"{where}: the token endpoint refused ({_quote(error.error, settings)}"
-            if error.description:
-                text += f": {_quote(error.description, settings)}"
-            return self._failed(entry, TokenUnavailable(text + ")", refused=True))
-        except (httpx2.HTTPError, OSError, ssl.SSLError, ValueError) as error:
-            # ValueError: a body that is not JSON (a proxy's error page, say).
-            text = f"{where}: no usable answer from the token endpoint: {_reason(error)}"
-            return self._failed(entry, TokenUnavailable(text, refused=False))
         rotated = token.get("refresh_token")
         if isinstance(rotated, str) and rotated and entry.refresh_token is not None:
             entry.refresh_token = rotated
@@ -211,6 +199,12 @@ class TokenProvider:
         return access_token
 
     async def _fetch(self, entry: _Entry, settings: OAuth2Settings) -> dict[str, Any]:
+        """The token endpoint's answer, or a _Problem saying why there is none."""
+        # Imported on first use: Authlib and httpx2 add some 13 MB to the relay's memory, which a sidecar
+        # without oauth2 policies need not pay.
+        import httpx2
+        from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
+
         secret = settings.client_secret.get_secret_value() if settings.client_secret else None
         try:
             verify: ssl.SSLContext | bool = ssl.create_default_context(
@@ -220,21 +214,33 @@ class TokenProvider:
             raise _Problem(
                 f"oauth2.caFile {settings.ca_file} cannot be used: {_reason(error)}", refused=False
             ) from None
-        async with AsyncOAuth2Client(
-            client_id=settings.client_id,
-            client_secret=secret,
-            # RFC 6749 2.3.1: HTTP Basic is what every server must accept; a public client (no secret)
-            # only names itself.
-            token_endpoint_auth_method="client_secret_basic" if secret else "none",
-            scope=" ".join(settings.scopes) or None,
-            verify=verify,
-            timeout=self.timeout,
-            trust_env=False,  # no proxy or netrc from the environment: they could see the secret
-        ) as client:
-            if entry.refresh_token is not None:
-                token = await client.refresh_token(settings.token_url, refresh_token=entry.refresh_token)
-            else:
-                token = await client.fetch_token(settings.token_url, grant_type="client_credentials")
+        try:
+            async with AsyncOAuth2Client(
+                client_id=settings.client_id,
+                client_secret=secret,
+                # RFC 6749 2.3.1: HTTP Basic is what every server must accept; a public client (no
+                # secret) only names itself.
+                token_endpoint_auth_method="client_secret_basic" if secret else "none",
+                scope=" ".join(settings.scopes) or None,
+                verify=verify,
+                timeout=self.timeout,
+                trust_env=False,  # no proxy or netrc from the environment: they could see the secret
+            ) as client:
+                if entry.refresh_token is not None:
+                    token = await client.refresh_token(settings.token_url, refresh_token=entry.refresh_token)
+                else:
+                    token = await client.fetch_token(settings.token_url, grant_type="client_credentials")
+        except OAuthError as error:
+            text = f"the token endpoint refused ({_quote(error.error, settings)}"
+            if error.description:
+                text += f": {_quote(error.description, settings)}"
+            raise _Problem(text + ")", refused=True) from None
+        except httpx2.TimeoutException:
+            raise _Problem("no answer from the token endpoint: timed out", refused=False) from None
+        except (httpx2.HTTPError, OSError, ssl.SSLError, ValueError) as error:
+            # ValueError: a body that is not JSON (a proxy's error page, say).
+            text = f"no usable answer from the token endpoint: {_reason(error)}"
+            raise _Problem(text, refused=False) from None
         return dict(token)
 
     def _failed(self, entry: _Entry, error: TokenUnavailable) -> str:
@@ -278,6 +284,6 @@ def _quote(text: object, settings: OAuth2Settings) -> str:
 
 
 def _reason(error: BaseException) -> str:
-    if isinstance(error, httpx2.TimeoutException | TimeoutError):
+    if isinstance(error, TimeoutError):
         return "timed out"
     return " ".join((str(error) or type(error).__name__).split())[:MAX_QUOTED]

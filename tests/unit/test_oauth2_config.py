@@ -166,3 +166,16 @@ def test_identity_depends_on_the_source_not_on_tokens(secret: str) -> None:
         "a.com", "default"
     )
     assert (first.identity() == other.identity()) == (secret == OAUTH2["clientSecret"])
+
+
+def test_the_oauth2_client_is_loaded_only_when_a_token_is_fetched() -> None:
+    """Authlib and httpx2 cost some 13 MB: a relay without oauth2 policies never loads them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, outbound_relay.server, outbound_relay.cli; "
+        "print(sorted({'authlib', 'httpx2'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
