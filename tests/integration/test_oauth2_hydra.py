@@ -20,7 +20,7 @@ from outbound_relay.metrics import RelayMetrics
 from outbound_relay.oauth2 import TokenProvider, TokenUnavailable
 from outbound_relay.scopes import OAuth2Source, ScopeIndex
 from outbound_relay.server import RelayServer
-from outbound_relay.upstream import auth_xoauth2
+from outbound_relay.session import auth_xoauth2
 from tests.integration.conftest import SHORT_TTL
 from tests.peers import DovecotSubmission, TLSFiles
 from tests.peers.common import log_tail

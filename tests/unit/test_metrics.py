@@ -22,6 +22,8 @@ CONTRACT = {
     "outbound_relay_upstream_connections": {"state"},
     "outbound_relay_config_reloads_total": {"result"},
     "outbound_relay_hook_errors_total": {"kind"},
+    "outbound_relay_oauth2_token_requests_total": {"result"},
+    "outbound_relay_oauth2_token_expiry_seconds": set(),
     "outbound_relay_config_info": {"generation"},
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from outbound_relay.upstream import MAX_COMMAND_LINE
+from outbound_relay.session import MAX_COMMAND_LINE
 from tests.peers.certs import TLSFiles
 from tests.support.relay import message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream
