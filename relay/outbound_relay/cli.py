@@ -136,6 +136,10 @@ def explain_route(index: ScopeIndex, rcpt: str, binding: str | None) -> str:
         lines.append(f"mail on this route is deferred (4xx): {route.suspended}")
     elif route.type is None:
         lines.append("no scope sets type: mail on this route is sent without AUTH")
+    elif (exposure := route.auth_exposure()) is not None:
+        lines.append(f"mail on this route is deferred (4xx): {exposure}")
+    elif not route.tls_protects_auth:
+        lines.append(f"AUTH goes without verified TLS, as {route.insecure_auth_by} allows")
     return "\n".join(lines)
 
 

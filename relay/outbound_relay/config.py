@@ -189,6 +189,9 @@ class Policy(Model):
     gateway: Endpoint | None = None
     tls: TlsSettings | None = None
     max_connections: int | None = Field(default=None, alias="maxConnections", ge=1, le=1000)
+    # This policy's credentials may go over plaintext or unverified TLS set by a wider scope; without it,
+    # only this policy's own `tls` can weaken the protection of its credentials (docs/relay-config.md).
+    allow_insecure_auth: bool = Field(default=False, alias="allowInsecureAuth")
     # Set by the operator when this policy's settings cannot be had (a Secret is missing): mail that
     # would use this scope is deferred rather than sent with a wider scope's credentials.
     suspended: str | None = None

@@ -35,15 +35,19 @@ from aiosmtplib.email import quote_address
 
 from outbound_relay.config import AuthType, TlsMode, TlsSettings
 from outbound_relay.errors import RouteMisconfigured, UpstreamAuthFailed, UpstreamUnavailable
+from outbound_relay.message import address_defect
 from outbound_relay.metrics import AuthResult, RelayMetrics
 from outbound_relay.reply import Reply
 from outbound_relay.scopes import Route
 
 log = logging.getLogger(__name__)
 
-# RFC 5321 4.1.1.4: lines end in CRLF; a bare LF becomes one. A lone CR is left as it is: turning it into
-# a line end could split a header line and end the header block early. A line starting with "." gets another.
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+# RFC 5321 2.3.8 and 4.1.1.4: lines end in CRLF, and a bare CR or bare LF must not reach the upstream, which
+# may read either as a line end (and "\r.\r" as the end of DATA: SMTP smuggling). CRs before a line end
+# join it (a stray CR must not turn a header line into a blank line that ends the header block), and each
+# other bare CR or bare LF becomes CRLF (docs/delivery.md, "Line ends"); then a line starting with "."
+# gets another.
+_LINE_END = re.compile(rb"\r*\n|\r")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 # An RFC 5321 Mailbox whose local part and domain are both dot-atoms: nearly every envelope address.
@@ -57,6 +61,10 @@ _SIMPLE_ADDRESS = re.compile(rf"{DOT_ATOM_ADDRESS}\Z")
 MAX_REPLY_BYTES = 64 * 1024
 
 _RCPT_ACCEPTED = (SMTPStatus.completed, SMTPStatus.will_forward)
+
+# Upstreams already warned about for AUTH without protecting TLS: the warning is logged once each.
+_WARNED_INSECURE_AUTH: set[UpstreamKey] = set()
+MAX_WARNED = 1000
 
 
 class UpstreamKey(NamedTuple):
@@ -290,9 +298,19 @@ class UpstreamSession:
             metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
             offered = " ".join(smtp.server_auth_methods).upper() or "no AUTH at all"
             raise UpstreamAuthFailed(f"{where} does not offer it; it offers {offered}")
-        if self.key.tls_mode is TlsMode.NONE:
+        if (exposure := route.auth_exposure()) is not None:
+            raise UpstreamAuthFailed(f"not sending AUTH {mechanism} to upstream {self.key}: {exposure}")
+        if not route.tls_protects_auth:
             metrics.plaintext_auth.inc()
-            log.warning("sending AUTH %s to %s without TLS, as tls.mode: none says", mechanism, self.key)
+            if self.key not in _WARNED_INSECURE_AUTH and len(_WARNED_INSECURE_AUTH) < MAX_WARNED:
+                _WARNED_INSECURE_AUTH.add(self.key)
+                log.warning(
+                    "sending AUTH %s to %s over %s, as %s allows",
+                    mechanism,
+                    self.key,
+                    "plaintext" if self.key.tls_mode is TlsMode.NONE else "unverified TLS",
+                    route.insecure_auth_by,
+                )
         user, secret = route.user.value, route.password.value.get_secret_value()
         try:
             if mechanism is AuthType.PLAIN:
@@ -458,18 +476,32 @@ class UpstreamSession:
             self.broken = True
 
 
-def encode_data(content: bytes) -> bytes:
-    """The message as DATA sends it: CRLF line ends, a final CRLF, dots doubled, then the end mark."""
-    content = _BARE_LF.sub(b"\r\n", content)
-    if not content.endswith(b"\r\n"):
+def normalise_line_ends(content: bytes) -> bytes:
+    """The message with CRs before a line end joined to it and every other bare CR and bare LF made CRLF,
+    ending in CRLF unless empty: what the upstream receives, once un-stuffed."""
+    crlf = content.count(b"\r\n")
+    if crlf != content.count(b"\r") or crlf != content.count(b"\n"):  # the common case needs no copy
+        content = _LINE_END.sub(b"\r\n", content)
+    if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
-    return _LEADING_DOT.sub(b"..", content) + b".\r\n"
+    return content
+
+
+def encode_data(content: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends and nothing else ending a line, a final CRLF, dots
+    doubled, then the end mark."""
+    return _LEADING_DOT.sub(b"..", normalise_line_ends(content)) + b".\r\n"
 
 
 def _path(address: str, smtp_utf8: bool) -> bytes:
-    """`<address>` for MAIL FROM / RCPT TO; only unusual addresses pay for aiosmtplib's parser."""
+    """`<address>` for MAIL FROM / RCPT TO; only unusual addresses pay for aiosmtplib's parser.
+
+    Raises ValueError for an address with a control character, which could end the command line: the
+    handler refuses those at MAIL and RCPT, this is the second lock."""
     if _SIMPLE_ADDRESS.match(address):
         return b"<" + address.encode("ascii") + b">"
+    if (reason := address_defect(address)) is not None:
+        raise ValueError(f"envelope address {address!r} {reason}")
     if smtp_utf8:
         return b"<" + address.encode("utf-8") + b">"  # RFC 6531: sent as the app gave it
     return quote_address(address).encode("ascii")
