@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from outbound_relay.session import _path, encode_data, normalise_line_ends
 from tests.peers.certs import TLSFiles
-from tests.support.relay import catch_all_policy, running_relay, write_config
+from tests.support.relay import catch_all_policy, raw_session, running_relay, write_config
 from tests.support.upstream import AuthUpstream
 
 # Bytes rich in what smuggling is made of: CR, LF, dots and command words.
@@ -108,15 +108,6 @@ def test_an_address_with_a_control_character_is_never_written(address: str) -> N
         _path(address, smtp_utf8=True)
 
 
-async def _raw_session(port: int, commands: bytes) -> list[bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(commands + b"QUIT\r\n")
-    replies = (await asyncio.wait_for(reader.read(), 30)).split(b"\r\n")
-    writer.close()
-    await writer.wait_closed()
-    return [line for line in replies if line]
-
-
 async def test_lone_cr_smuggling_reaches_the_upstream_as_one_message(
     tls: TLSFiles, config_path: Path
 ) -> None:
@@ -126,7 +117,7 @@ async def test_lone_cr_smuggling_reaches_the_upstream_as_one_message(
             body = (
                 b"Subject: x\r\n\r\nhello\r.\rMAIL FROM:<evil@example.org>\rRCPT TO:<v@example.net>\rDATA\r"
             )
-            replies = await _raw_session(
+            replies = await raw_session(
                 relay.port,
                 b"EHLO app\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
                 + body
@@ -147,8 +138,8 @@ async def test_the_relay_refuses_control_characters_in_addresses(
 ) -> None:
     write_config(config_path, {"policies": [catch_all_policy(2525, tls)]})
     async with running_relay(config_path) as relay:
-        mail = await _raw_session(relay.port, b"EHLO app\r\nMAIL FROM:<" + address + b">" + params + b"\r\n")
-        rcpt = await _raw_session(
+        mail = await raw_session(relay.port, b"EHLO app\r\nMAIL FROM:<" + address + b">" + params + b"\r\n")
+        rcpt = await raw_session(
             relay.port,
             b"EHLO app\r\nMAIL FROM:<a@example.org>" + params + b"\r\nRCPT TO:<" + address + b">\r\n",
         )
