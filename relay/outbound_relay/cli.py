@@ -20,6 +20,10 @@ from outbound_relay.scopes import Route, ScopeIndex, Sourced, level_of
 log = logging.getLogger("outbound_relay")
 
 
+def _no_message_data(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("DATA readline")
+
+
 def _setup_logging(level: str) -> SecretRedactor:
     redactor = SecretRedactor()
     handler = logging.StreamHandler()
@@ -31,6 +35,8 @@ def _setup_logging(level: str) -> SecretRedactor:
     # aiosmtpd logs every command line of every session (addresses included) at INFO: at our default
     # level that is five lines per message and a good part of the CPU; keep it for --log-level debug.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # Message bodies never reach a log: aiosmtpd logs each line of DATA at debug.
+    logging.getLogger("mail.log").addFilter(_no_message_data)
     return redactor
 
 

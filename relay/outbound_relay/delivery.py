@@ -75,7 +75,11 @@ class RelayHandler:
             return "553 5.1.3 Recipient address must be local@domain"
         if (defect := address_defect(address)) is not None:
             return f"553 5.1.3 Recipient address {defect}"
-        scopes = self._generation_of(envelope).scopes
+        generation = self._generation_of(envelope)
+        limit = generation.config.limits.recipients_per_transaction
+        if len(envelope.rcpt_tos) >= limit:
+            return f"452 4.5.3 Too many recipients (at most {limit} a transaction); send the rest in another"
+        scopes = generation.scopes
         if envelope.rcpt_tos:
             first_domain = envelope.rcpt_tos[0].rpartition("@")[2]
             if scopes.signature(domain) != scopes.signature(first_domain):

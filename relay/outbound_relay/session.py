@@ -216,6 +216,8 @@ class UpstreamSession:
     def __init__(self, key: UpstreamKey, smtp: aiosmtplib.SMTP, *, timeout: float) -> None:
         self.key = key
         self.timeout = timeout  # for each reply; the pool sets it anew when a reload changed it
+        self.data_timeout = timeout  # for sending the body and the final reply to it (RFC 5321 4.5.3.2)
+        self.size_limit = 0  # the server's SIZE (RFC 1870), 0 when it gives none
         self.reused = False  # set by the pool when it leases the session out again
         self.broken = False  # it erred, or the upstream is closing it: closed, never leased again
         self.closed = False
@@ -335,6 +337,8 @@ class UpstreamSession:
         self.pipelining = smtp.supports_extension("pipelining")
         self.eight_bit_mime = smtp.supports_extension("8bitmime")
         self.smtputf8 = smtp.supports_extension("smtputf8")
+        size = smtp.esmtp_extensions.get("size", "")
+        self.size_limit = int(size) if size.isdigit() else 0
         assert smtp.transport is not None, "connected"
         # uvloop's transports are not asyncio.WriteTransport subclasses, but write like one.
         self._transport, self._reader = cast(asyncio.WriteTransport, smtp.transport), ReplyReader()
@@ -373,9 +377,9 @@ class UpstreamSession:
             raise SessionDropped("connection closed")
         self._transport.write(data)
 
-    async def _read(self) -> Reply:
+    async def _read(self, patience: float | None = None) -> Reply:
         assert self._reader is not None, "the handshake is done"
-        reply = await self._reader.read(self.timeout)
+        reply = await self._reader.read(self.timeout if patience is None else patience)
         if reply.code == SMTPStatus.domain_unavailable:
             self.broken = True
             raise _Closing(reply)
@@ -403,6 +407,13 @@ class UpstreamSession:
         if message.smtp_utf8 and not self.smtputf8 and not _all_ascii(message):
             return Reply.of(
                 553, "5.6.7", f"upstream {self.key} does not offer SMTPUTF8, which these addresses need"
+            )
+        if self.size_limit and len(message.content) > self.size_limit:
+            return Reply.of(
+                552,
+                "5.3.4",
+                f"message of {len(message.content)} octets is over the {self.size_limit} that upstream "
+                f"{self.key} accepts",
             )
         mail = self._mail_command(message)
         rcpts = [self._rcpt_command(rcpt, message) for rcpt in message.rcpt_tos]
@@ -459,7 +470,8 @@ class UpstreamSession:
             await self._reset()
             return _refused(data_reply, "DATA")
         self._write(encode_data(message.content))
-        final = await self._read()
+        # Written to the transport's buffer at once: the wait covers sending the body and the verdict.
+        final = await self._read(self.data_timeout)
         if final.is_positive:
             return final
         await self._reset()

@@ -23,6 +23,7 @@ class Faults:
     max_rcpts: int | None = None  # 452 4.5.3 to each RCPT beyond this many in one transaction
     starttls_refused: bool = False  # advertise STARTTLS, then answer it 454
     refuse_rcpts: dict[str, bytes] = field(default_factory=dict)  # address -> reply line
+    size: int = 100_000_000  # advertised as SIZE (RFC 1870)
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class FaultyUpstream:
             verb = line[:4].upper().rstrip(b"\r\n").decode("ascii", "replace")
             arg = line.rstrip(b"\r\n")[5:]
             if verb in ("EHLO", "HELO"):
-                ehlo = [b"250-faulty.test", b"250-PIPELINING", b"250-8BITMIME", b"250-SIZE 100000000"]
+                ehlo = [b"250-faulty.test", b"250-PIPELINING", b"250-8BITMIME", b"250-SIZE %d" % faults.size]
                 if faults.starttls_refused:
                     ehlo.append(b"250-STARTTLS")
                 await self._reply(writer, "EHLO", [*ehlo, b"250 SMTPUTF8"])
