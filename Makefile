@@ -2,7 +2,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup demo test lint unit cluster cluster-down bench bench-hooks bench-operator clean
+.PHONY: setup demo test lint unit fuzz cluster cluster-down bench bench-hooks bench-operator clean
 
 setup:
 	@hack/setup
@@ -23,6 +23,11 @@ test: lint
 
 unit: setup
 	$(VENV)/pytest tests/unit
+
+# The parsers and wire formats under hypothesis, 20,000 examples a property (minutes, not seconds).
+FUZZ_TESTS := tests/unit/test_fuzz.py tests/unit/test_smuggling.py tests/unit/test_reply.py tests/unit/test_reply_meaning.py
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/pytest $(FUZZ_TESTS)
 
 cluster: setup
 	@hack/control-plane up

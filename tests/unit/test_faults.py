@@ -20,9 +20,7 @@ async def test_a_connection_dropped_mid_data_is_a_temporary_failure(config_path:
 
 async def test_an_upstream_too_slow_to_answer_is_a_temporary_failure(config_path: Path) -> None:
     async with FaultyUpstream(Faults(delays={"MAIL": 3})) as up:
-        write_config(
-            config_path, {"policies": [plain_policy(up.port)], "upstream": {"timeoutSeconds": 0.5}}
-        )
+        write_config(config_path, {"policies": [plain_policy(up.port)], "upstream": {"timeoutSeconds": 0.5}})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, ["b@example.net"], message())
     assert outcome.code == 451, outcome
