@@ -2,7 +2,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup demo test lint unit crds cluster cluster-down bench bench-hooks bench-operator clean
+.PHONY: setup demo test lint unit crds fuzz cluster cluster-down bench bench-hooks bench-operator clean
 
 setup:
 	@hack/setup
@@ -28,6 +28,11 @@ unit: setup
 # (docs/crds.md); tests/operator/test_crd_generation.py fails when they differ from what this writes.
 crds: setup
 	$(VENV)/python -m outbound_operator.crdgen
+
+# The parsers and wire formats under hypothesis, 20,000 examples a property (tens of minutes; no per-test timeout).
+FUZZ_TESTS := tests/unit/test_fuzz.py tests/unit/test_smuggling.py tests/unit/test_reply.py tests/unit/test_reply_meaning.py
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/pytest --timeout=0 $(FUZZ_TESTS)
 
 cluster: setup
 	@hack/control-plane up

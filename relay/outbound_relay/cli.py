@@ -23,6 +23,10 @@ from outbound_relay.scopes import OAuth2Source, Route, ScopeIndex, Sourced, leve
 log = logging.getLogger("outbound_relay")
 
 
+def _no_message_data(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("DATA readline")
+
+
 def _setup_logging(level: str) -> SecretRedactor:
     redactor = SecretRedactor()
     handler = logging.StreamHandler()
@@ -38,6 +42,8 @@ def _setup_logging(level: str) -> SecretRedactor:
     # logs what matters about a token request itself.
     for name in ("httpx", "httpcore", "httpx2", "httpcore2"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Message bodies never reach a log: aiosmtpd logs each line of DATA at debug.
+    logging.getLogger("mail.log").addFilter(_no_message_data)
     return redactor
 
 
@@ -155,6 +161,10 @@ def explain_route(
         lines.append(f"mail on this route is deferred (4xx): {route.suspended}")
     elif route.type is None:
         lines.append("no scope sets type: mail on this route is sent without AUTH")
+    elif (exposure := route.auth_exposure()) is not None:
+        lines.append(f"mail on this route is deferred (4xx): {exposure}")
+    elif not route.tls_protects_auth:
+        lines.append(f"AUTH goes without verified TLS, as {route.insecure_auth_by} allows")
     return "\n".join(lines)
 
 

@@ -323,6 +323,9 @@ class Policy(Model):
     gateway: Endpoint | None = None
     tls: TlsSettings | None = None
     max_connections: int | None = Field(default=None, alias="maxConnections", ge=1, le=1000)
+    # This policy's credentials may go over plaintext or unverified TLS set by a wider scope; without it,
+    # only this policy's own `tls` can weaken the protection of its credentials (docs/relay-config.md).
+    allow_insecure_auth: bool = Field(default=False, alias="allowInsecureAuth")
     # Set by the operator when this policy's settings cannot be had (a Secret is missing): mail that
     # would use this scope is deferred rather than sent with a wider scope's credentials.
     suspended: str | None = None
@@ -364,7 +367,23 @@ class UpstreamSettings(Model):
     connect_timeout_seconds: float = Field(default=10.0, alias="connectTimeoutSeconds", gt=0)
     timeout_seconds: float = Field(default=60.0, alias="timeoutSeconds", gt=0)
     idle_timeout_seconds: float = Field(default=30.0, alias="idleTimeoutSeconds", gt=0)
+    # RFC 5321 4.5.3.2.5-6: the body may take minutes to send, and the final reply to DATA up to ten
+    # more; `timeoutSeconds` is for every other reply.
+    data_timeout_seconds: float = Field(default=600.0, alias="dataTimeoutSeconds", gt=0)
     default_max_connections: int = Field(default=4, alias="defaultMaxConnections", ge=1, le=1000)
+
+
+class Limits(Model):
+    """What one client may ask of the relay; each is checked before anything goes upstream."""
+
+    # Postfix's message_size_limit default; RFC 5321 4.5.3.1.7 asks for at least 64 KiB. Advertised as
+    # SIZE, refused at MAIL when declared larger, and at the end of DATA when larger still.
+    message_size_bytes: int = Field(default=10_240_000, alias="messageSizeBytes", ge=65_536, le=1 << 30)
+    # RFC 5321 4.5.3.1.8 asks that 100 be accepted; more get 452 and go in a new transaction, so an
+    # upstream's own cap (commonly 100) cannot defer a message forever.
+    recipients_per_transaction: int = Field(default=100, alias="recipientsPerTransaction", ge=1, le=10_000)
+    # Concurrent client sessions; one more is answered 421 and closed.
+    sessions: int = Field(default=100, ge=1, le=10_000)
 
 
 class RelayConfig(Model):
@@ -378,6 +397,7 @@ class RelayConfig(Model):
     policies: tuple[Policy, ...] = ()
     hooks: Hooks = Hooks()
     upstream: UpstreamSettings = UpstreamSettings()
+    limits: Limits = Limits()
 
     @model_validator(mode="after")
     def _consistent(self) -> RelayConfig:

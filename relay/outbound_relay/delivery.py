@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from outbound_relay.config import CONTEXT_KEYS
 from outbound_relay.errors import HookFailed, RelayError, RouteMisconfigured
 from outbound_relay.generation import Generation
-from outbound_relay.message import parse_headers, pop_header, split_headers
+from outbound_relay.message import address_defect, parse_headers, pop_header, split_headers
 from outbound_relay.metrics import MessageResult, RelayMetrics
 from outbound_relay.pool import UpstreamPool
 from outbound_relay.reply import Reply
@@ -46,6 +46,12 @@ class RelayHandler:
         self._counted = {result: metrics.messages.labels(result=result.value) for result in MessageResult}
         self.closing = False  # set on SIGTERM: no new transactions
 
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an exception it caught in a command: a 451, never its `500 Error`, which
+        would make the app drop a message the upstream may have taken or only deferred."""
+        log.error("SMTP session error", exc_info=error)
+        return _INTERNAL_ERROR.one_line()
+
     def _generation_of(self, envelope: Envelope) -> Generation:
         return self._pinned.get(envelope) or self.generation
 
@@ -54,6 +60,8 @@ class RelayHandler:
     ) -> str:
         if self.closing:
             return "421 4.3.2 The relay is shutting down; try again"
+        if (defect := address_defect(address)) is not None:
+            return f"553 5.1.7 Sender address {defect}"
         self._pinned[envelope] = self.generation
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -65,7 +73,13 @@ class RelayHandler:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
             return "553 5.1.3 Recipient address must be local@domain"
-        scopes = self._generation_of(envelope).scopes
+        if (defect := address_defect(address)) is not None:
+            return f"553 5.1.3 Recipient address {defect}"
+        generation = self._generation_of(envelope)
+        limit = generation.config.limits.recipients_per_transaction
+        if len(envelope.rcpt_tos) >= limit:
+            return f"452 4.5.3 Too many recipients (at most {limit} a transaction); send the rest in another"
+        scopes = generation.scopes
         if envelope.rcpt_tos:
             first_domain = envelope.rcpt_tos[0].rpartition("@")[2]
             if scopes.signature(domain) != scopes.signature(first_domain):

@@ -14,8 +14,8 @@ class RelayError(Exception):
     """A transaction ends with this reply to the client."""
 
     def __init__(self, code: int, status: str, text: str) -> None:
-        super().__init__(f"{code} {status} {text}")
         self.reply = Reply.of(code, status, text)
+        super().__init__(self.reply.one_line())  # what logs show: one line, printable, like the reply
 
     @property
     def temporary(self) -> bool:

@@ -8,6 +8,17 @@ import re
 from email.message import Message
 
 _END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
+# C0 controls (CR, LF and NUL among them) and DEL: none has a place in an envelope address (RFC 5321
+# 4.1.2, RFC 6531 3.3), and CR or LF would end the command line it is written in.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def address_defect(address: str) -> str | None:
+    """Why `address` must not go into a MAIL FROM or RCPT TO line, or None when it may."""
+    match = _CONTROL.search(address)
+    if match is None:
+        return None
+    return f"contains the control character {match[0]!r} at offset {match.start()}"
 
 
 def split_headers(content: bytes) -> tuple[bytes, bytes]:

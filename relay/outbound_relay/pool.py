@@ -42,6 +42,7 @@ class UpstreamPool:
         timeout: float,
         idle_timeout: float,
         tokens: TokenProvider | None = None,
+        data_timeout: float = 600.0,
     ) -> None:
         self.metrics = metrics
         self.tokens = tokens or TokenProvider(metrics, timeout=timeout)  # XOAUTH2 routes with oauth2
@@ -49,6 +50,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.idle_timeout = idle_timeout
+        self.data_timeout = data_timeout
         self._slots: dict[UpstreamKey, _Slot] = {}
         self._tls_contexts = TlsContexts()
         self._open = 0
@@ -56,10 +58,13 @@ class UpstreamPool:
         self._idle_gauge = metrics.upstream_connections.labels(state="idle")
         self._busy_gauge = metrics.upstream_connections.labels(state="busy")
 
-    def configure(self, *, connect_timeout: float, timeout: float, idle_timeout: float) -> None:
+    def configure(
+        self, *, connect_timeout: float, timeout: float, idle_timeout: float, data_timeout: float = 600.0
+    ) -> None:
         """Take a reloaded config's timeouts; open sessions keep working. CA files are read anew (a
         rotated caFile keeps its path), so TLS contexts are rebuilt for new sessions."""
         self.connect_timeout, self.timeout, self.idle_timeout = connect_timeout, timeout, idle_timeout
+        self.data_timeout = data_timeout
         self._tls_contexts.clear()
 
     @contextlib.asynccontextmanager
@@ -114,6 +119,7 @@ class UpstreamPool:
             if not fresh and session.is_connected and now - session.last_used < self.idle_timeout:
                 session.reused = True
                 session.timeout = self.timeout  # a reload may have changed it since the session opened
+                session.data_timeout = self.data_timeout
                 return session
             await self._close(session)
         return None
@@ -122,7 +128,7 @@ class UpstreamPool:
         tls_context = self._tls_contexts.get(route.tls.value)
         self._open += 1
         try:
-            return await UpstreamSession.open(
+            session = await UpstreamSession.open(
                 key,
                 route,
                 tls_context=tls_context,
@@ -135,6 +141,8 @@ class UpstreamPool:
         except BaseException:
             self._open -= 1  # the session closed itself
             raise
+        session.data_timeout = self.data_timeout
+        return session
 
     async def _close(self, session: UpstreamSession) -> None:
         if await session.close():

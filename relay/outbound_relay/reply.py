@@ -20,6 +20,11 @@ class ReplyClass(IntEnum):
 
 
 _WHITE = b" \t\r"
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
+MAX_REPLY_LINE = 510
+# What may go into a reply line or a log line as it is: printable US-ASCII. Anything else, from the
+# upstream, a hook or a header (8-bit text, NUL, other controls), is shown as "?".
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 _REPLY_LINE = re.compile(rb"[2-5][0-9][0-9](?:[ -]|\r?\Z)")
 # RFC 3463 2: class "." subject "." detail, the class being the reply's own (2, 4 or 5); RFC 2034 puts it
 # first in the text of each line, followed by a space. Matched from the text's start, after the code.
@@ -95,9 +100,10 @@ class Reply(NamedTuple):
         return " ".join(" ".join(self.lines).split())
 
     def one_line(self) -> str:
-        """The reply as the relay gives it to its client, on one line (what an aiosmtpd handler returns)."""
+        """The reply as the relay gives it to its client: one line of printable ASCII of at most 510
+        octets (what an aiosmtpd handler returns), with the code and status kept."""
         head = f"{self.code} {self.status}" if self.status else str(self.code)
-        text = self.text
+        text = printable(self.text, MAX_REPLY_LINE - len(head) - 1)
         return f"{head} {text}" if text else head
 
     def wire_lines(self) -> list[bytes]:
@@ -114,6 +120,14 @@ class Reply(NamedTuple):
 
     def __str__(self) -> str:
         return self.one_line()
+
+
+def printable(text: str, limit: int = MAX_REPLY_LINE) -> str:
+    """`text` safe for one reply or log line: white space runs become one space, any other character
+    outside printable US-ASCII becomes "?", and the result is cut to `limit` characters ("..." marks
+    the cut)."""
+    text = _NOT_PRINTABLE.sub("?", " ".join(text.split()))
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
 
 
 def _decode(text: bytes) -> str:

@@ -15,7 +15,15 @@ from typing import Generic, TypeVar
 
 from pydantic import SecretStr
 
-from outbound_relay.config import AuthType, Endpoint, OAuth2Settings, Policy, RelayConfig, TlsSettings
+from outbound_relay.config import (
+    AuthType,
+    Endpoint,
+    OAuth2Settings,
+    Policy,
+    RelayConfig,
+    TlsMode,
+    TlsSettings,
+)
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -80,6 +88,28 @@ class Route:
     # this, never both, and the two fall back together as one setting.
     oauth2: Sourced[OAuth2Source] | None = None
     suspended: str | None = None  # why this route must not be used: a suspended policy in its way
+    # The policy that allows the credentials over plaintext or unverified TLS: the one supplying them,
+    # when it sets that TLS itself or says allowInsecureAuth. None: they need verified TLS.
+    insecure_auth_by: str | None = None
+
+    @property
+    def tls_protects_auth(self) -> bool:
+        """The TLS settings keep credentials from a passive or active attacker: encrypted and verified."""
+        tls = self.tls.value
+        return tls.mode is not TlsMode.NONE and tls.verify
+
+    def auth_exposure(self) -> str | None:
+        """Why AUTH must not be sent on this route, or None when it may: credentials go over plaintext or
+        unverified TLS only when the policy supplying them allows it itself (`insecure_auth_by`)."""
+        credential = self.password or self.oauth2  # an access token is as secret as a password
+        if self.tls_protects_auth or self.insecure_auth_by is not None or credential is None:
+            return None
+        weakness = "plaintext" if self.tls.value.mode is TlsMode.NONE else "TLS without verification"
+        return (
+            f"the credentials from {credential.source} would go over {weakness} "
+            f"(tls from {self.tls.source}); set allowInsecureAuth: true in the policy that gives them, "
+            "or tls for it, to allow that"
+        )
 
     def with_overrides(self, *, type: str | None, user: str | None, password: str | None) -> Route:
         """Apply a hook's message-context values (`outbound_smtp_auth_*`), which beat every scope."""
@@ -91,6 +121,8 @@ class Route:
             if password is not None
             else self.password,
             oauth2=None if password is not None else self.oauth2,
+            # A hook's password is no policy's: it needs TLS that protects it.
+            insecure_auth_by=None if password is not None else self.insecure_auth_by,
         )
 
     def identity(self) -> str:
@@ -208,6 +240,11 @@ class ScopeIndex:
             max_connections=first("maxConnections", lambda p: p.max_connections)
             or Sourced(value=self.config.upstream.default_max_connections, source="default"),
         )
+        password_by = next((p for p in chain if p.password is not None or p.oauth2 is not None), None)
+        if password_by is not None and (
+            password_by.allow_insecure_auth or route.tls.source == _describe(password_by)
+        ):
+            route = replace(route, insecure_auth_by=_describe(password_by))
         if suspended_by is not None and unresolved:
             route = replace(
                 route, suspended=f"{_describe(suspended_by)} is suspended: {suspended_by.suspended}"

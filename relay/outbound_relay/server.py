@@ -27,9 +27,6 @@ from outbound_relay.session import DOT_ATOM_ADDRESS
 
 log = logging.getLogger(__name__)
 
-# RFC 5321 4.5.3.1.7 asks for at least 64 KiB; mail with attachments needs far more.
-DATA_SIZE_LIMIT = 50 * 1024 * 1024
-
 # `<local@domain>` of dot-atoms, then nothing or parameters after white space (no comment: "(" would
 # start one, which the full parser skips).
 _SIMPLE_PATH = re.compile(rf"<({DOT_ATOM_ADDRESS})>(?:[ \t]+([^(\\\"]*))?\Z")
@@ -63,6 +60,7 @@ class RelayServer:
             connect_timeout=upstream.connect_timeout_seconds,
             timeout=upstream.timeout_seconds,
             idle_timeout=upstream.idle_timeout_seconds,
+            data_timeout=upstream.data_timeout_seconds,
         )
         self.handler = RelayHandler(generation, self.pool, self.metrics)
         self._apply(generation)
@@ -93,6 +91,7 @@ class RelayServer:
             connect_timeout=upstream.connect_timeout_seconds,
             timeout=upstream.timeout_seconds,
             idle_timeout=upstream.idle_timeout_seconds,
+            data_timeout=upstream.data_timeout_seconds,
         )
         self.metrics.set_generation(generation.short_digest)
         self.tokens.timeout = upstream.timeout_seconds
@@ -104,13 +103,16 @@ class RelayServer:
                 + [secret for p in policies if p.oauth2 is not None for secret in p.oauth2.secrets()]
             )
 
-    def _new_session(self) -> SMTP:
+    def _new_session(self) -> asyncio.Protocol:
+        limits = self.generation.config.limits
+        if len(self._sessions) >= limits.sessions:
+            return _Busy(limits.sessions)
         session = _TrackedSMTP(
             self.handler,
             hostname=socket.gethostname(),
             ident="outbound-relay",
             decode_data=False,
-            data_size_limit=DATA_SIZE_LIMIT,
+            data_size_limit=limits.message_size_bytes,
             enable_SMTPUTF8=True,
             close_on=self._sessions,
         )
@@ -225,6 +227,29 @@ class RelayServer:
         log.info("relay stopped")
 
 
+# aiosmtpd's own texts for a line or message too long, as a client should hear them. Postfix folds long
+# lines instead; the relay refuses them, since folding a line changes the message a signature covers.
+_CLEARER = {
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "552 5.6.0 Message has a line over 1000 octets with its "
+    "CRLF (RFC 5321 4.5.3.1.6); encode the body (quoted-printable or base64)",
+    "552 Error: Too much mail data": "552 5.3.4 Message is over the {limit} octets this relay accepts",
+    "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message is over the "
+    "{limit} octets this relay accepts",
+}
+
+
+class _Busy(asyncio.Protocol):
+    """A connection past `limits.sessions`: 421 (RFC 5321 3.8), and closed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(f"421 4.3.2 Too many sessions ({self.limit}); try again later\r\n".encode())
+        transport.close()
+
+
 class _TrackedSMTP(SMTP):
     """An aiosmtpd session that leaves the server's set when its connection ends."""
 
@@ -235,6 +260,12 @@ class _TrackedSMTP(SMTP):
     def connection_lost(self, exc: Exception | None) -> None:
         self._close_on.discard(self)
         super().connection_lost(exc)
+
+    async def push(self, status: Any) -> None:
+        """aiosmtpd's replies, with the few that are opaque made clear (RFC 3463 status, what to do)."""
+        if isinstance(status, str) and status in _CLEARER:
+            status = _CLEARER[status].format(limit=self.data_size_limit)
+        await super().push(status)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's parser of MAIL FROM / RCPT TO arguments, with a fast path for plain addresses (the

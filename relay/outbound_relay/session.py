@@ -37,6 +37,7 @@ from aiosmtplib.email import quote_address
 
 from outbound_relay.config import AuthType, TlsMode, TlsSettings
 from outbound_relay.errors import RouteMisconfigured, UpstreamAuthFailed, UpstreamUnavailable
+from outbound_relay.message import address_defect
 from outbound_relay.metrics import AuthResult, RelayMetrics
 from outbound_relay.oauth2 import TokenProvider
 from outbound_relay.reply import Reply
@@ -44,9 +45,12 @@ from outbound_relay.scopes import Route
 
 log = logging.getLogger(__name__)
 
-# RFC 5321 4.1.1.4: lines end in CRLF; a bare LF becomes one. A lone CR is left as it is: turning it into
-# a line end could split a header line and end the header block early. A line starting with "." gets another.
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+# RFC 5321 2.3.8 and 4.1.1.4: lines end in CRLF, and a bare CR or bare LF must not reach the upstream, which
+# may read either as a line end (and "\r.\r" as the end of DATA: SMTP smuggling). CRs before a line end
+# join it (a stray CR must not turn a header line into a blank line that ends the header block), and each
+# other bare CR or bare LF becomes CRLF (docs/delivery.md, "Line ends"); then a line starting with "."
+# gets another.
+_LINE_END = re.compile(rb"\r*\n|\r")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
 # An RFC 5321 Mailbox whose local part and domain are both dot-atoms: nearly every envelope address.
@@ -60,6 +64,10 @@ _SIMPLE_ADDRESS = re.compile(rf"{DOT_ATOM_ADDRESS}\Z")
 MAX_REPLY_BYTES = 64 * 1024
 
 _RCPT_ACCEPTED = (SMTPStatus.completed, SMTPStatus.will_forward)
+
+# Upstreams already warned about for AUTH without protecting TLS: the warning is logged once each.
+_WARNED_INSECURE_AUTH: set[UpstreamKey] = set()
+MAX_WARNED = 1000
 
 
 class UpstreamKey(NamedTuple):
@@ -211,6 +219,8 @@ class UpstreamSession:
     def __init__(self, key: UpstreamKey, smtp: aiosmtplib.SMTP, *, timeout: float) -> None:
         self.key = key
         self.timeout = timeout  # for each reply; the pool sets it anew when a reload changed it
+        self.data_timeout = timeout  # for sending the body and the final reply to it (RFC 5321 4.5.3.2)
+        self.size_limit = 0  # the server's SIZE (RFC 1870), 0 when it gives none
         self.reused = False  # set by the pool when it leases the session out again
         self.broken = False  # it erred, or the upstream is closing it: closed, never leased again
         self.closed = False
@@ -294,9 +304,19 @@ class UpstreamSession:
             metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
             offered = " ".join(smtp.server_auth_methods).upper() or "no AUTH at all"
             raise UpstreamAuthFailed(f"{where} does not offer it; it offers {offered}")
-        if self.key.tls_mode is TlsMode.NONE:
+        if (exposure := route.auth_exposure()) is not None:
+            raise UpstreamAuthFailed(f"not sending AUTH {mechanism} to upstream {self.key}: {exposure}")
+        if not route.tls_protects_auth:
             metrics.plaintext_auth.inc()
-            log.warning("sending AUTH %s to %s without TLS, as tls.mode: none says", mechanism, self.key)
+            if self.key not in _WARNED_INSECURE_AUTH and len(_WARNED_INSECURE_AUTH) < MAX_WARNED:
+                _WARNED_INSECURE_AUTH.add(self.key)
+                log.warning(
+                    "sending AUTH %s to %s over %s, as %s allows",
+                    mechanism,
+                    self.key,
+                    "plaintext" if self.key.tls_mode is TlsMode.NONE else "unverified TLS",
+                    route.insecure_auth_by,
+                )
         if route.oauth2 is not None:
             await self._authenticate_oauth2(route, metrics, tokens, where)
             return
@@ -360,6 +380,8 @@ class UpstreamSession:
         self.pipelining = smtp.supports_extension("pipelining")
         self.eight_bit_mime = smtp.supports_extension("8bitmime")
         self.smtputf8 = smtp.supports_extension("smtputf8")
+        size = smtp.esmtp_extensions.get("size", "")
+        self.size_limit = int(size) if size.isdigit() else 0
         assert smtp.transport is not None, "connected"
         # uvloop's transports are not asyncio.WriteTransport subclasses, but write like one.
         self._transport, self._reader = cast(asyncio.WriteTransport, smtp.transport), ReplyReader()
@@ -398,9 +420,9 @@ class UpstreamSession:
             raise SessionDropped("connection closed")
         self._transport.write(data)
 
-    async def _read(self) -> Reply:
+    async def _read(self, patience: float | None = None) -> Reply:
         assert self._reader is not None, "the handshake is done"
-        reply = await self._reader.read(self.timeout)
+        reply = await self._reader.read(self.timeout if patience is None else patience)
         if reply.code == SMTPStatus.domain_unavailable:
             self.broken = True
             raise _Closing(reply)
@@ -428,6 +450,13 @@ class UpstreamSession:
         if message.smtp_utf8 and not self.smtputf8 and not _all_ascii(message):
             return Reply.of(
                 553, "5.6.7", f"upstream {self.key} does not offer SMTPUTF8, which these addresses need"
+            )
+        if self.size_limit and len(message.content) > self.size_limit:
+            return Reply.of(
+                552,
+                "5.3.4",
+                f"message of {len(message.content)} octets is over the {self.size_limit} that upstream "
+                f"{self.key} accepts",
             )
         mail = self._mail_command(message)
         rcpts = [self._rcpt_command(rcpt, message) for rcpt in message.rcpt_tos]
@@ -484,7 +513,8 @@ class UpstreamSession:
             await self._reset()
             return _refused(data_reply, "DATA")
         self._write(encode_data(message.content))
-        final = await self._read()
+        # Written to the transport's buffer at once: the wait covers sending the body and the verdict.
+        final = await self._read(self.data_timeout)
         if final.is_positive:
             return final
         await self._reset()
@@ -523,18 +553,32 @@ async def auth_xoauth2(smtp: aiosmtplib.SMTP, user: str, token: str) -> None:
         raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
 
 
-def encode_data(content: bytes) -> bytes:
-    """The message as DATA sends it: CRLF line ends, a final CRLF, dots doubled, then the end mark."""
-    content = _BARE_LF.sub(b"\r\n", content)
-    if not content.endswith(b"\r\n"):
+def normalise_line_ends(content: bytes) -> bytes:
+    """The message with CRs before a line end joined to it and every other bare CR and bare LF made CRLF,
+    ending in CRLF unless empty: what the upstream receives, once un-stuffed."""
+    crlf = content.count(b"\r\n")
+    if crlf != content.count(b"\r") or crlf != content.count(b"\n"):  # the common case needs no copy
+        content = _LINE_END.sub(b"\r\n", content)
+    if content and not content.endswith(b"\r\n"):
         content += b"\r\n"
-    return _LEADING_DOT.sub(b"..", content) + b".\r\n"
+    return content
+
+
+def encode_data(content: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line ends and nothing else ending a line, a final CRLF, dots
+    doubled, then the end mark."""
+    return _LEADING_DOT.sub(b"..", normalise_line_ends(content)) + b".\r\n"
 
 
 def _path(address: str, smtp_utf8: bool) -> bytes:
-    """`<address>` for MAIL FROM / RCPT TO; only unusual addresses pay for aiosmtplib's parser."""
+    """`<address>` for MAIL FROM / RCPT TO; only unusual addresses pay for aiosmtplib's parser.
+
+    Raises ValueError for an address with a control character, which could end the command line: the
+    handler refuses those at MAIL and RCPT, this is the second lock."""
     if _SIMPLE_ADDRESS.match(address):
         return b"<" + address.encode("ascii") + b">"
+    if (reason := address_defect(address)) is not None:
+        raise ValueError(f"envelope address {address!r} {reason}")
     if smtp_utf8:
         return b"<" + address.encode("utf-8") + b">"  # RFC 6531: sent as the app gave it
     return quote_address(address).encode("ascii")

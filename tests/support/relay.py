@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -85,3 +86,23 @@ async def submit(port: int, rcpts: list[str], content: bytes, mail_from: str = "
             return Outcome(replies, (response.code, response.message))
         except aiosmtplib.SMTPDataError as error:
             return Outcome(replies, (error.code, error.message))
+
+
+async def raw_session(port: int, commands: bytes) -> list[bytes]:
+    """Write `commands` and QUIT as they are, byte for byte (aiosmtplib would fix line ends), and return
+    every reply line that came back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(commands + b"QUIT\r\n")
+    replies = (await asyncio.wait_for(reader.read(), 60)).split(b"\r\n")
+    writer.close()
+    await writer.wait_closed()
+    return [line for line in replies if line]
+
+
+def as_data(content: bytes) -> bytes:
+    """`content` as an SMTP client sends it after DATA: each CRLF line starting with "." gets another,
+    then the end mark; bare CRs and LFs are left in place, as a careless or hostile app sends them."""
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    lines = content[:-2].split(b"\r\n")
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"

@@ -196,7 +196,7 @@ async def test_tls_none_sends_auth_in_clear_only_when_explicit(
         assert (await submit(relay.port, ["b@sparkpost.com"], message())).code == 250
         metrics = relay.metrics.render().decode()
     assert "outbound_relay_plaintext_auth_total 1.0" in metrics
-    assert "without TLS" in caplog.text
+    assert "over plaintext" in caplog.text
 
 
 async def test_recipient_of_another_route_gets_452(tls: TLSFiles, config_path: Path) -> None:
@@ -405,13 +405,15 @@ async def test_a_bug_in_the_relay_is_a_temporary_failure(
     assert 'outbound_relay_messages_total{result="deferred"} 1.0' in metrics
 
 
-def test_wire_data_keeps_lone_cr_and_fixes_bare_lf() -> None:
+def test_wire_data_has_only_crlf_line_ends() -> None:
     from outbound_relay.session import encode_data
 
+    # CRs before a line end join it: the header block does not end early.
     assert encode_data(b"From: a@b\r\r\nSubject: s\r\n\r\nbody") == (
-        b"From: a@b\r\r\nSubject: s\r\n\r\nbody\r\n.\r\n"
+        b"From: a@b\r\nSubject: s\r\n\r\nbody\r\n.\r\n"
     )
     assert encode_data(b"Subject: s\n\n.hidden\nend") == b"Subject: s\r\n\r\n..hidden\r\nend\r\n.\r\n"
+    assert encode_data(b"a\r.\rb") == b"a\r\n..\r\nb\r\n.\r\n"
 
 
 async def test_max_connections_change_applies_on_reload(tls: TLSFiles, config_path: Path) -> None:
