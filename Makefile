@@ -2,7 +2,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup demo test lint unit cluster cluster-down bench bench-hooks bench-operator clean
+.PHONY: setup demo test lint unit cluster cluster-down image bench bench-hooks bench-operator clean
 
 setup:
 	@hack/setup
@@ -10,12 +10,13 @@ setup:
 demo: setup
 	$(VENV)/python hack/demo.py
 
-PY_PATHS := relay operator tests bench hack/demo.py hack/control-plane
+PY_PATHS := relay operator tests bench hack/demo.py hack/control-plane hack/image
 
 lint: setup
 	$(VENV)/ruff check $(PY_PATHS)
 	$(VENV)/ruff format --check $(PY_PATHS)
 	$(VENV)/mypy relay/outbound_relay operator/outbound_operator tests bench hack/demo.py hack/control-plane
+	$(VENV)/mypy hack/image  # apart: two extensionless scripts are both module __main__ to mypy
 	$(VENV)/lint-imports
 
 test: lint
@@ -24,8 +25,13 @@ test: lint
 unit: setup
 	$(VENV)/pytest tests/unit
 
+# NODE=kubelet: a real kubelet on containerd instead of kwok's fake node (README.md).
 cluster: setup
-	@hack/control-plane up
+	@hack/control-plane up $(if $(NODE),--node $(NODE))
+
+# The image, from the Dockerfile, without a Docker daemon or a registry (hack/image).
+image:
+	@hack/image build
 
 cluster-down:
 	@hack/control-plane down
