@@ -11,13 +11,13 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Dependencies first, from pyproject.toml alone: a source change does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN python - <<'PY' > /tmp/requirements.txt
-import tomllib
-print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
-PY
+COPY pyproject.toml ./
+# One line, no heredoc: Debian's buildah (hack/image) predates heredocs in RUN.
+RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+    > /tmp/requirements.txt
 RUN python -m venv /opt/outbound-relay \
  && /opt/outbound-relay/bin/pip install -r /tmp/requirements.txt
+COPY README.md ./
 COPY relay/ relay/
 COPY operator/ operator/
 RUN /opt/outbound-relay/bin/pip install --no-deps . \

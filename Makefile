@@ -2,7 +2,7 @@
 VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 
-.PHONY: setup demo test lint unit crds fuzz cluster cluster-down bench bench-hooks bench-operator clean
+.PHONY: setup demo test lint unit crds fuzz cluster cluster-down image bench bench-hooks bench-operator clean
 
 setup:
 	@hack/setup
@@ -10,12 +10,13 @@ setup:
 demo: setup
 	$(VENV)/python hack/demo.py
 
-PY_PATHS := relay operator tests bench hack/demo.py hack/control-plane
+PY_PATHS := relay operator tests bench hack/demo.py hack/control-plane hack/image
 
 lint: setup
 	$(VENV)/ruff check $(PY_PATHS)
 	$(VENV)/ruff format --check $(PY_PATHS)
 	$(VENV)/mypy relay/outbound_relay operator/outbound_operator tests bench hack/demo.py hack/control-plane
+	$(VENV)/mypy hack/image  # apart: two extensionless scripts are both module __main__ to mypy
 	$(VENV)/lint-imports
 
 test: lint
@@ -34,8 +35,13 @@ FUZZ_TESTS := tests/unit/test_fuzz.py tests/unit/test_smuggling.py tests/unit/te
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(VENV)/pytest --timeout=0 $(FUZZ_TESTS)
 
+# NODE=kubelet: a real kubelet on containerd instead of kwok's fake node (README.md).
 cluster: setup
-	@hack/control-plane up
+	@hack/control-plane up $(if $(NODE),--node $(NODE))
+
+# The image, from the Dockerfile, without a Docker daemon or a registry (hack/image).
+image:
+	@hack/image build
 
 cluster-down:
 	@hack/control-plane down

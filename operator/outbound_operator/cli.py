@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from outbound_operator import handlers, webhook
+from outbound_operator import handlers, uninjected, webhook
 from outbound_operator.controller import Controller, ControllerSettings
 from outbound_operator.kubeapi import KubeApi, load_api_client
 from outbound_operator.metrics import OperatorMetrics
@@ -89,8 +89,9 @@ async def run(args: argparse.Namespace) -> None:
     metrics = OperatorMetrics()
     metrics_server = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else None
     api_client = load_api_client()
+    kube = KubeApi(api_client)
     controller = Controller(
-        KubeApi(api_client),
+        kube,
         metrics,
         ControllerSettings(debounce_seconds=args.debounce, secret_resync_seconds=args.secret_resync),
     )
@@ -99,6 +100,7 @@ async def run(args: argparse.Namespace) -> None:
     webhook_settings = webhook.settings_from_args(args)  # None unless --webhook-port is given
     if webhook_settings is not None:
         webhook.register(webhook_settings, registry, api=api_client)
+        uninjected.register(registry, kube, webhook_settings.never_injected)
     log.info(
         "outbound-operator starting: %s, metrics on %s",
         "all namespaces" if args.all_namespaces else f"namespaces {', '.join(args.namespaces)}",

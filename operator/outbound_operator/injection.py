@@ -298,7 +298,9 @@ def injection_patch(pod: Mapping[str, Any], settings: InjectionSettings) -> Json
         patch.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
     volumes = [
         config_volume(settings, hooks=hooks),
-        {"name": NO_TOKEN_VOLUME, "emptyDir": {"sizeLimit": "1Ki"}},
+        # Not 1Ki: the kubelet measures an emptyDir with du, and an empty directory takes a 4 KiB block on
+        # ext4; above its sizeLimit the whole Pod is evicted (seen on a real kubelet, tests/node).
+        {"name": NO_TOKEN_VOLUME, "emptyDir": {"sizeLimit": "64Ki"}},
     ]
     if spec.get("volumes"):
         patch += [{"op": "add", "path": "/spec/volumes/-", "value": volume} for volume in volumes]

@@ -6,6 +6,7 @@ this module directly (e.g. to restart the API server).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,9 +52,12 @@ def versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ControlPlane:
-    """A running etcd + kube-apiserver whose files live in state_dir."""
+    """A running etcd + kube-apiserver whose files live in state_dir, and a node: kwok's fake one, or a
+    real kubelet (`node="kubelet"`, whose network namespace gets the host's 127.0.0.1:`publish` ports)."""
 
     state_dir: Path
+    node: str = "kwok"
+    publish: tuple[int, ...] = ()
 
     @property
     def kubeconfig(self) -> Path:
@@ -69,7 +73,12 @@ class ControlPlane:
 
     def start(self) -> None:
         # --watch-pid: if this Python process dies without teardown, the control plane stops anyway.
-        run_script("up", "--watch-pid", str(os.getpid()), state_dir=self.state_dir)
+        node = ["--node", self.node, *(f"--publish={port}" for port in self.publish)]
+        run_script("up", "--watch-pid", str(os.getpid()), *node, state_dir=self.state_dir)
+
+    @property
+    def apiserver_port(self) -> int:
+        return int(json.loads((self.state_dir / "run" / "ports.json").read_text())["kube-apiserver"])
 
     def stop(self) -> None:
         run_script("down", state_dir=self.state_dir)

@@ -10,13 +10,15 @@ Registered for the whole suite by `pytest_plugins = ["tests.cluster.plugin"]` in
 
 Tests using them are marked `cluster` (added automatically to any test that uses control_plane) and are
 skipped only when Go is missing. The binaries are built before the first test runs, outside any test's
-timeout: a cold build takes minutes, a cached one a fraction of a second.
+timeout: a cold build takes minutes, a cached one a fraction of a second. Likewise, when a test marked
+`node` (a real kubelet) or `image` is selected, the image is built from the Dockerfile by hack/image.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.cluster.controlplane import ControlPlane, build, go_missing
+from tests.cluster.controlplane import REPO, ControlPlane, build, go_missing
 
 _build_error: str | None = None
 
@@ -43,16 +45,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtestloop(session: pytest.Session) -> None:
     """Build before the first test, so the build does not count against a test's timeout."""
     global _build_error
-    if session.config.option.collectonly or go_missing():
+    if session.config.option.collectonly:
         return
-    if any(item.get_closest_marker("cluster") for item in session.items):
-        # Uncaptured, so that a cold build (minutes) shows its progress instead of a silent pause.
-        capture = session.config.pluginmanager.getplugin("capturemanager")
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+    cluster = not go_missing() and any(item.get_closest_marker("cluster") for item in session.items)
+    image = any(item.get_closest_marker("node") or item.get_closest_marker("image") for item in session.items)
+    if not (cluster or image):
+        return
+    # Uncaptured, so that a cold build (minutes) shows its progress instead of a silent pause.
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        if cluster:
             try:
                 build()
             except RuntimeError as err:
                 _build_error = str(err)
+        if image:
+            # A failure shows here; the tests that need the image then fail on their own build.
+            with contextlib.suppress(RuntimeError):
+                build_image()
+
+
+def build_image() -> None:
+    """hack/image build: the base (debootstrap, cached) and the image (buildah, layers cached)."""
+    proc = subprocess.run([str(REPO / "hack" / "image"), "build"], stdout=subprocess.PIPE, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"hack/image build failed with {proc.returncode}")
 
 
 @pytest.fixture(scope="session")

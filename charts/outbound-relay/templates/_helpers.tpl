@@ -109,6 +109,10 @@ app.kubernetes.io/part-of: outbound-relay
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Opted-in Pods admitted without the sidecar (the webhook was down) get an Event (uninjected.py).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 {{- end }}
 
 {{- define "outbound-relay.sidecarSettings" -}}
