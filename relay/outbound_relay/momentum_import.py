@@ -14,7 +14,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import yaml
@@ -36,6 +36,10 @@ _IGNORED_GLOBALS: Final = {
     "keepmessagedictsinmemory": "Keep_Message_Dicts_In_Memory is not needed: the relay keeps message "
     "context in memory",
 }
+_PASSWORD_KEY: Final = "outboundsmtpauthpass"  # noqa: S105 (a key name, not a password)
+_PASSWORD_NAME: Final = "Outbound_SMTP_AUTH_Pass"  # noqa: S105 (a key name, not a password)
+# What may follow a password's value on its line: another setting (`... Pass = "x" Gateway = "h:25"`).
+_KNOWN_KEYS: Final = frozenset({*_AUTH_KEYS, "gateway"})
 _MODULE: Final = "outboundsmtpauth"
 _SCOPES: Final = {"domain": "Domain", "binding": "Binding", "bindinggroup": "Binding_Group"}
 # Which scope stanzas each scope may contain, as Momentum allows them.
@@ -63,6 +67,7 @@ class _Token:
     kind: str  # "word", "string", "=", "{", "}", "(", ")"
     text: str
     line: int
+    hidden: bool = False  # may be part of a password: never quoted in an error
 
 
 _PUNCTUATION = "={}()"
@@ -122,12 +127,33 @@ class _Node:
         return _fold(self.name)
 
 
+def _hide_password_text(tokens: list[_Token]) -> list[_Token]:
+    """Mark what follows `Outbound_SMTP_AUTH_Pass` on its line (and on the lines a quoted string there
+    spans): a value is always on its key's line, so any of that text may be a password or a piece of one
+    (`Pass = two words`, a stray quote). Key names stay visible."""
+    marked, until = [], 0
+    for token in tokens:
+        if token.kind in ("word", "string") and _fold(token.text) == _PASSWORD_KEY:
+            until = token.line
+        elif token.line <= until and _fold(token.text) not in _KNOWN_KEYS:
+            token = replace(token, hidden=True)
+            until = max(until, token.line + token.text.count("\n"))
+        marked.append(token)
+    return marked
+
+
 class _Parser:
     def __init__(self, text: str, source: str) -> None:
         self.source = source
-        self.tokens = list(_tokens(text, source))
+        self.tokens = _hide_password_text(list(_tokens(text, source)))
         self.pos = 0
         self.last_line = text.count("\n") + 1
+
+    @staticmethod
+    def show(token: _Token) -> str:
+        """A token quoted for an error, unless it may be (part of) a password: errors go to terminals, CI
+        logs and tickets."""
+        return f"a value after {_PASSWORD_NAME} (not shown)" if token.hidden else repr(token.text)
 
     def error(self, line: int, message: str) -> MomentumImportError:
         return MomentumImportError(f"{self.source}:{line}: {message}")
@@ -158,11 +184,17 @@ class _Parser:
 
     def statement(self) -> _Node:
         name = self.take()
+        if name.hidden:
+            raise self.error(
+                name.line,
+                f"unexpected text after the value of {_PASSWORD_NAME} (not shown: it may be part of the "
+                "password); quote a password that holds spaces, quotes, '#' or any of = { } ( )",
+            )
         if name.kind not in ("word", "string"):
-            raise self.error(name.line, f"expected a key or a stanza name, found {name.text!r}")
+            raise self.error(name.line, f"expected a key or a stanza name, found {self.show(name)}")
         after = self.peek()
         if after is None:
-            raise self.error(name.line, f"{name.text!r} has no value: expected '= value' or '{{ ... }}'")
+            raise self.error(name.line, f"{self.show(name)} has no value: expected '= value' or '{{ ... }}'")
         if after.kind == "=":
             self.take()
             return _Node(name.text, name.line, value=self.value(name))
@@ -171,11 +203,13 @@ class _Parser:
             return _Node(name.text, name.line, children=self.block(opened, name.text))
         following = self.peek(1)
         if after.kind in ("word", "string") and following is not None and following.kind == "{":
+            if after.hidden:
+                raise self.error(name.line, f"expected '=' after {self.show(name)}, found {self.show(after)}")
             self.take()
             opened = self.take()
             label = f'{name.text} "{after.text}"'
             return _Node(name.text, name.line, argument=after.text, children=self.block(opened, label))
-        raise self.error(name.line, f"expected '=' or '{{' after {name.text!r}, found {after.text!r}")
+        raise self.error(name.line, f"expected '=' or '{{' after {self.show(name)}, found {self.show(after)}")
 
     def value(self, name: _Token) -> str | list[str]:
         token = self.peek()
