@@ -96,7 +96,7 @@ async def test_a_secret_no_longer_referenced_is_forgotten(
 
     controller.policy_changed(ns, {**body, "spec": spec(None, "b")}, deleted=False)
     objects.delete_secret("a")
-    assert not controller.watches_secret(ns, "a")  # so kopf would never tell us of the deletion
+    assert not controller.watches_secret(ns, "a")  # so the watch drops the event of its deletion
     controller.policy_changed(ns, body, deleted=False)
     await controller.reconcile(ns)
     rendered = objects.rendered_policies()[f"{ns}/p"]
