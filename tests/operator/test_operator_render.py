@@ -168,7 +168,8 @@ def test_a_policy_naming_the_rendered_secret_is_suspended_and_gets_nothing_from_
     assert by_name(rendering.data)["mail/thief"] == {
         "name": "mail/thief",
         "scope": {"domain": "thief.example"},
-        "suspended": "Secret mail/outbound-relay-config is the one the operator renders; no policy may name it",
+        "suspended": "Secret mail/outbound-relay-config is the one the operator renders; "
+        "no policy may name it",
     }
     assert cond(rendering.policies["thief"], ConditionType.INVALID)[:2] == (True, "RenderedSecretReferenced")
     assert rendering.data["relay.yaml"].count(b"pw-global") == 1
