@@ -42,6 +42,7 @@ _PASSWORD_NAME: Final = "Outbound_SMTP_AUTH_Pass"  # noqa: S105 (a key name, not
 _KNOWN_KEYS: Final = frozenset({*_AUTH_KEYS, "gateway"})
 _MODULE: Final = "outboundsmtpauth"
 _SCOPES: Final = {"domain": "Domain", "binding": "Binding", "bindinggroup": "Binding_Group"}
+_RECOGNIZED: Final = frozenset({*_KNOWN_KEYS, *_SCOPES, _MODULE, *_IGNORED_GLOBALS})
 # Which scope stanzas each scope may contain, as Momentum allows them.
 _NESTING: Final = {
     None: {"domain", "binding", "bindinggroup"},
@@ -121,10 +122,15 @@ class _Node:
     value: str | list[str] | None = None  # an assignment: "x" or ( a b c )
     argument: str | None = None  # a stanza: Name "argument" { ... }
     children: list[_Node] | None = None  # None for an assignment
+    hidden: bool = False  # the name may be part of a password (never quoted)
 
     @property
     def key(self) -> str:
         return _fold(self.name)
+
+    @property
+    def shown(self) -> str:
+        return f"(a key after {_PASSWORD_NAME}, not shown)" if self.hidden else repr(self.name)
 
 
 def _hide_password_text(tokens: list[_Token]) -> list[_Token]:
@@ -146,6 +152,9 @@ class _Parser:
     def __init__(self, text: str, source: str) -> None:
         self.source = source
         self.tokens = _hide_password_text(list(_tokens(text, source)))
+        # After an unquoted password, whose value ends at the line's end: an unknown name on the next lines
+        # may be the rest of a password that held a line break.
+        self.suspect = False
         self.pos = 0
         self.last_line = text.count("\n") + 1
 
@@ -182,29 +191,41 @@ class _Parser:
                 return nodes
             nodes.append(self.statement())
 
+    def unexpected(self, line: int) -> MomentumImportError:
+        return self.error(
+            line,
+            f"unexpected text after the value of {_PASSWORD_NAME} (not shown: it may be part of the "
+            "password); quote a password that holds spaces, quotes, line breaks, '#' or any of = { } ( )",
+        )
+
     def statement(self) -> _Node:
         name = self.take()
-        if name.hidden:
-            raise self.error(
-                name.line,
-                f"unexpected text after the value of {_PASSWORD_NAME} (not shown: it may be part of the "
-                "password); quote a password that holds spaces, quotes, '#' or any of = { } ( )",
-            )
+        hidden = name.hidden or (
+            self.suspect and name.kind in ("word", "string") and _fold(name.text) not in _RECOGNIZED
+        )
+        self.suspect = False
         if name.kind not in ("word", "string"):
+            if hidden:
+                raise self.unexpected(name.line)
             raise self.error(name.line, f"expected a key or a stanza name, found {self.show(name)}")
         after = self.peek()
         if after is None:
+            if hidden:
+                raise self.unexpected(name.line)
             raise self.error(name.line, f"{self.show(name)} has no value: expected '= value' or '{{ ... }}'")
         if after.kind == "=":
             self.take()
-            return _Node(name.text, name.line, value=self.value(name))
+            node = _Node(name.text, name.line, value=self.value(name), hidden=hidden)
+            unquoted = self.tokens[self.pos - 1].kind == "word"
+            self.suspect = hidden or (node.key == _PASSWORD_KEY and unquoted)
+            return node
+        if hidden or after.hidden:
+            raise self.unexpected(name.line)
         if after.kind == "{":
             opened = self.take()
             return _Node(name.text, name.line, children=self.block(opened, name.text))
         following = self.peek(1)
         if after.kind in ("word", "string") and following is not None and following.kind == "{":
-            if after.hidden:
-                raise self.error(name.line, f"expected '=' after {self.show(name)}, found {self.show(after)}")
             self.take()
             opened = self.take()
             label = f'{name.text} "{after.text}"'
@@ -318,13 +339,14 @@ def _collect(nodes: list[_Node], scope: dict[str, str], kind: str | None, line: 
             elif key == _MODULE and kind is None:
                 for inner in node.children:
                     state.warn(
-                        inner.line, f"{inner.name!r} in the outbound_smtp_auth module stanza is not converted"
+                        inner.line, f"{inner.shown} in the outbound_smtp_auth module stanza is not converted"
                     )
             else:
                 state.warn(node.line, f"unsupported stanza {node.name!r} in {label} is not converted")
             continue
         if key in seen:
-            raise state.error(node.line, f"{node.name} is set twice in {label} (line {seen[key]})")
+            shown = node.shown if node.hidden else node.name
+            raise state.error(node.line, f"{shown} is set twice in {label} (line {seen[key]})")
         seen[key] = node.line
         value = node.value
         if key in _AUTH_KEYS or key == "gateway":
@@ -345,7 +367,7 @@ def _collect(nodes: list[_Node], scope: dict[str, str], kind: str | None, line: 
         elif kind is None and key in _IGNORED_GLOBALS:
             state.notes.append(f"{state.source}:{node.line}: {_IGNORED_GLOBALS[key]}")
         else:
-            state.warn(node.line, f"unsupported key {node.name!r} in {label} is not converted")
+            state.warn(node.line, f"unsupported key {node.shown} in {label} is not converted")
     if policy.settings:
         state.policies.append(policy)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outbound_relay.config import AuthType, parse_config
@@ -322,6 +322,7 @@ class TestPasswordsNeverQuoted:
             parts += [between, piece]
         return "".join(parts)
 
+    @settings(max_examples=400, deadline=None)  # a loaded CI machine is slow, not wrong
     @given(
         fragments=st.lists(fragment, min_size=1, max_size=4),
         separators=st.lists(separator, min_size=3, max_size=3),
@@ -351,6 +352,11 @@ class TestPasswordsNeverQuoted:
             "ecelerity.conf:2: unexpected text after the value of Outbound_SMTP_AUTH_Pass (not shown"
         )
         assert "QXZJ" not in str(caught.value)
+
+    def test_unknown_keys_after_a_quoted_password_are_still_named(self) -> None:
+        conf = 'Domain "a.com" {\n  Outbound_SMTP_AUTH_Pass = "p"\n  Max_Outbound_Connections = 5\n}\n'
+        output = convert(conf, source="ecelerity.conf", namespace="mail", relay_config=False)
+        assert "unsupported key 'Max_Outbound_Connections'" in output
 
     def test_settings_after_a_password_on_its_line_still_convert(self) -> None:
         conf = 'Domain "a.com" { Outbound_SMTP_AUTH_Pass = "p" Gateway = "smtp.example:587" }\n'

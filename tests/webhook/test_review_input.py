@@ -165,6 +165,7 @@ async def test_any_json_is_answered_200_or_400_never_500(caller: Caller, documen
             assert json.loads(text)["response"]["uid"] == document["request"]["uid"]
 
 
+@settings(deadline=None)
 @given(document=json_values | review_like)
 def test_parse_review_accepts_or_says_why(document: Any) -> None:
     try:
