@@ -48,7 +48,14 @@ class Install:
 
     @property
     def render_role(self) -> str:
-        return f"{self.fullname}-{self.namespace}-render"
+        """The ClusterRole the operator binds, as the Deployment names it (a long name is cut to 63)."""
+        deployment = json.loads(
+            self.control_plane.kubectl("get", "deployment", self.fullname, "-n", self.namespace, "-o", "json")
+        )
+        (arg,) = [
+            a for a in deployment["spec"]["template"]["spec"]["containers"][0]["args"] if "cluster-role=" in a
+        ]
+        return str(arg.partition("=")[2])
 
     def can_i(self, verb: str, resource: str, namespace: str | None = None) -> str:
         """`kubectl auth can-i` as the operator's ServiceAccount: "yes" or "no"."""
