@@ -20,7 +20,7 @@ import pytest
 from kubernetes import client
 
 from tests.cluster.controlplane import ControlPlane
-from tests.helm.chart import find, objects, template
+from tests.helm.chart import CRDS, find, objects, template
 from tests.webhook.conftest import Registration, ThreadedWebhook, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -60,6 +60,8 @@ class Users:
 
 @pytest.fixture
 def users(control_plane: ControlPlane, k8s_client: client.ApiClient, namespace: str) -> Iterator[Users]:
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{POLICIES}")
     rbac = client.RbacAuthorizationV1Api(k8s_client)
     author = f"policy-author-{uuid.uuid4().hex[:6]}"
     rbac.create_cluster_role(
@@ -154,6 +156,7 @@ def _wait_until_checking(users: Users) -> None:
         proc = users.kubectl(
             "alice", "create", "--dry-run=server", "-f", "-", input=json.dumps(policy("probe"))
         )
+        print(proc.stderr)  # pytest shows the answers when the wait fails
         return "may not get" in proc.stderr
 
     wait_for(checked, 30, "the API server calls the policy check")
