@@ -29,7 +29,7 @@ ANNOTATION_INJECT: Final = "outboundrelay.io/inject"
 ANNOTATION_BINDING: Final = "outboundrelay.io/binding"
 """Pod annotation: the binding of mail without an X-Binding header (the relay's `--default-binding`)."""
 ANNOTATION_HOOKS: Final = "outboundrelay.io/hooks-configmap"
-"""Pod annotation: a ConfigMap whose keys (e.g. auth.lua) are projected next to relay.yaml."""
+"""Pod annotation: a ConfigMap whose keys (e.g. auth.lua) are mounted at HOOKS_DIR, apart from relay.yaml."""
 ANNOTATION_INJECTED: Final = "outboundrelay.io/injected"
 """Annotation and label the webhook sets (value "true") on every Pod it injected."""
 NAMESPACE_LABEL: Final = "outboundrelay.io/inject"
@@ -139,7 +139,7 @@ class InjectionSettings(BaseModel):
     config_secret: str = Field(default="outbound-relay-config", alias="configSecret", min_length=1)
     """The Secret the operator renders in each namespace (key relay.yaml)."""
     hooks_config_map: ConfigMapName | None = Field(default=None, alias="hooksConfigMap")
-    """ConfigMap projected next to relay.yaml in every injected Pod unless the Pod names its own."""
+    """ConfigMap mounted at HOOKS_DIR in every injected Pod unless the Pod names its own."""
     log_level: LogLevel = Field(default="info", alias="logLevel")
     """`outbound-relay serve --log-level`."""
     shutdown_timeout_seconds: float = Field(default=25.0, alias="shutdownTimeoutSeconds", gt=0, le=3600)
