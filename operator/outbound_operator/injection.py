@@ -139,7 +139,7 @@ class InjectionSettings(BaseModel):
     config_secret: str = Field(default="outbound-relay-config", alias="configSecret", min_length=1)
     """The Secret the operator renders in each namespace (key relay.yaml)."""
     hooks_config_map: ConfigMapName | None = Field(default=None, alias="hooksConfigMap")
-    """ConfigMap mounted at HOOKS_DIR in every injected Pod unless the Pod names its own."""
+    """ConfigMap mounted at /etc/outbound-relay/hooks in every injected Pod unless the Pod names its own."""
     log_level: LogLevel = Field(default="info", alias="logLevel")
     """`outbound-relay serve --log-level`."""
     shutdown_timeout_seconds: float = Field(default=25.0, alias="shutdownTimeoutSeconds", gt=0, le=3600)
