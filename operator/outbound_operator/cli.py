@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 
 import kopf
@@ -17,6 +18,7 @@ from outbound_operator import handlers, uninjected, webhook
 from outbound_operator.controller import Controller, ControllerSettings
 from outbound_operator.kubeapi import KubeApi, load_api_client
 from outbound_operator.metrics import OperatorMetrics
+from outbound_operator.namespaces import Namespaces, ServeSettings, parse_label
 from outbound_relay.hardening import disable_core_dumps
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,22 @@ def _add_scope_options(parser: argparse.ArgumentParser) -> None:
         help="serve this namespace (repeat for several; kopf's glob patterns such as 'mail-*' work too)",
     )
     where.add_argument("--all-namespaces", "-A", action="store_true", help="serve every namespace")
+    group.add_argument(
+        "--namespace-label",
+        metavar="KEY=VALUE",
+        help="serve only namespaces with this label (e.g. outboundrelay.io/inject=enabled)",
+    )
+    group.add_argument(
+        "--bind-cluster-role",
+        metavar="CLUSTERROLE",
+        help="in each served namespace, bind this ClusterRole (Secret and status rights) to the operator's "
+        "ServiceAccount with a RoleBinding of the same name, deleted when the namespace is no longer served",
+    )
+    group.add_argument(
+        "--service-account",
+        metavar="NAME",
+        help="the operator's ServiceAccount (in $POD_NAMESPACE): the subject of those RoleBindings",
+    )
 
 
 def _add_serving_options(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +90,30 @@ def _add_rendering_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """Which namespaces to serve and how to get rights there; SystemExit (argparse's) for bad options."""
+    if args.bind_cluster_role and not args.service_account:
+        raise SystemExit("outbound-operator: --bind-cluster-role needs --service-account")
+    if args.bind_cluster_role and not args.namespace_label:
+        # Binding itself in every namespace would amount to cluster-wide Secret rights.
+        raise SystemExit("outbound-operator: --bind-cluster-role needs --namespace-label")
+    try:
+        label = parse_label(args.namespace_label) if args.namespace_label else None
+    except ValueError as error:
+        raise SystemExit(f"outbound-operator: {error}") from None
+    own_namespace = os.environ.get("POD_NAMESPACE", "")
+    if args.service_account and not own_namespace:
+        raise SystemExit(
+            "outbound-operator: --service-account needs $POD_NAMESPACE (the operator's namespace)"
+        )
+    return ServeSettings(
+        patterns=tuple(args.namespaces or ()),
+        label=label,
+        bind_cluster_role=args.bind_cluster_role,
+        service_account=(own_namespace, args.service_account) if args.service_account else None,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbound-operator",
@@ -95,8 +137,9 @@ async def run(args: argparse.Namespace) -> None:
         metrics,
         ControllerSettings(debounce_seconds=args.debounce, secret_resync_seconds=args.secret_resync),
     )
+    namespaces = Namespaces(controller.api, controller, serve_settings(args))
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, controller)
+    handlers.register(registry, controller, namespaces)
     webhook_settings = webhook.settings_from_args(args)  # None unless --webhook-port is given
     if webhook_settings is not None:
         webhook.register(webhook_settings, registry, api=api_client)
@@ -115,7 +158,9 @@ async def run(args: argparse.Namespace) -> None:
             liveness_endpoint=args.liveness or None,
         )
     finally:
+        await namespaces.close()
         await controller.close()
+        await controller.api.close()
         api_client.close()  # type: ignore[no-untyped-call]
         if metrics_server is not None:
             metrics_server.shutdown()

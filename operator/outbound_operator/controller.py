@@ -15,7 +15,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +113,12 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _read_secrets(policy: PolicySource) -> frozenset[str]:
+    """The Secrets to read for a policy: those it names, except the rendered one (never an input: the
+    policy is suspended for naming it, render.py)."""
+    return frozenset(r.name for r in policy.secret_refs().values() if r.name != RENDERED_SECRET)
+
+
 def _content_digest(data: Mapping[str, bytes], owners: Iterable[Mapping[str, Any]]) -> str:
     digest = hashlib.sha256()
     for key in sorted(data):
@@ -170,6 +176,24 @@ class Controller:
         self._states: dict[str, NamespaceState] = {}
         self._closed = False
         self._resync: asyncio.Task[None] | None = None
+        self._serves: Callable[[str], bool] = lambda _namespace: True
+
+    def gate(self, serves: Callable[[str], bool]) -> None:
+        """Render only the namespaces for which `serves` is true (namespaces.py decides); events of any
+        other namespace are dropped: the operator may have no rights there."""
+        self._serves = serves
+
+    def forget(self, namespace: str) -> None:
+        """Stop rendering `namespace`: its pending work is cancelled and its cached Secrets dropped. The
+        rendered Secret in place is left as it is (its policies own it)."""
+        state = self._states.pop(namespace, None)
+        if state is None:
+            return
+        if state.retry is not None:
+            state.retry.cancel()
+        if state.task is not None:
+            state.task.cancel()
+        self.metrics.set_policies(namespace, {})
 
     def start(self) -> None:
         """Start the periodic re-read of referenced Secrets (in the running loop); close() stops it."""
@@ -206,22 +230,26 @@ class Controller:
         return state is not None and name in state.referenced
 
     def policy_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        if not self._serves(namespace):
+            return
         state = self._state(namespace)
         source = PolicySource.from_body(body)
-        state.set_refs(
-            source.name, None if deleted else frozenset(r.name for r in source.secret_refs().values())
-        )
+        state.set_refs(source.name, None if deleted else _read_secrets(source))
         if not deleted and self._caused_by_us(state, body):
             return
         self.touch(namespace)
 
     def group_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        if not self._serves(namespace):
+            return
         state = self._state(namespace)
         if not deleted and self._caused_by_us(state, body):
             return
         self.touch(namespace)
 
     def secret_changed(self, namespace: str, name: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        if not self._serves(namespace):
+            return
         state = self._state(namespace)
         if name == RENDERED_SECRET:
             metadata = body.get("metadata") or {}
@@ -245,7 +273,7 @@ class Controller:
 
     def touch(self, namespace: str) -> None:
         """Mark the namespace for a reconciliation soon; one runs at a time per namespace."""
-        if self._closed:
+        if self._closed or not self._serves(namespace):
             return
         state = self._state(namespace)
         state.dirty = True
@@ -314,9 +342,7 @@ class Controller:
         )
         policy_bodies, group_bodies = _live(policy_bodies), _live(group_bodies)
         policies = [PolicySource.from_body(body) for body in policy_bodies]
-        state.replace_refs(
-            {policy.name: frozenset(r.name for r in policy.secret_refs().values()) for policy in policies}
-        )
+        state.replace_refs({policy.name: _read_secrets(policy) for policy in policies})
         await self._load_secrets(namespace, state)
         values = {name: data for name, data in state.secrets.items() if data is not None}
         groups = [BindingGroupSource.from_body(body) for body in group_bodies]

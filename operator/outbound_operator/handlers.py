@@ -1,9 +1,9 @@
 """kopf handlers: watch events become "namespace X changed" for the controller.
 
 Only `@kopf.on.event` handlers: kopf then writes nothing to the watched objects (no finalizers, no
-last-handled annotations), and the controller owns status and Events. Secrets are watched through a
-`when=` filter backed by the controller's index of referenced Secret names, so the events of every
-other Secret are dropped before any handler runs.
+last-handled annotations), and the controller owns status and Events. Namespace events decide which
+namespaces are served (namespaces.py); Secrets are not watched through kopf, whose watch would span every
+namespace with `--all-namespaces`, but per served namespace by namespaces.py.
 
 A module per feature registers into the same registry: a webhook module can add
 `register_webhook(registry, ...)` beside `register(registry, controller)` without touching this one.
@@ -17,10 +17,11 @@ from typing import Any
 import kopf
 
 from outbound_operator.controller import Controller
+from outbound_operator.namespaces import Namespaces
 from outbound_operator.resources import GROUP, GROUP_PLURAL, POLICY_PLURAL, VERSION
 
 
-def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+def register(registry: kopf.OperatorRegistry, controller: Controller, namespaces: Namespaces) -> None:
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
         return kopf.login_via_client(**kwargs)
@@ -35,6 +36,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
 
     @kopf.on.cleanup(id="stop-rendering", registry=registry)
     async def stop(**_: Any) -> None:
+        await namespaces.close()
         await controller.close()
 
     @kopf.on.probe(id="namespaces", registry=registry)
@@ -49,9 +51,7 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     async def group_event(*, type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
         controller.group_changed(str(namespace), body, deleted=type == "DELETED")
 
-    def referenced(*, name: str, namespace: str | None, **_: Any) -> bool:
-        return controller.watches_secret(str(namespace), name)
-
-    @kopf.on.event("", "v1", "secrets", id="secret", when=referenced, registry=registry)
-    async def secret_event(*, type: str, body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
-        controller.secret_changed(str(namespace), name, body, deleted=type == "DELETED")
+    @kopf.on.event("", "v1", "namespaces", id="namespace", registry=registry)
+    async def namespace_event(*, type: str, body: kopf.Body, name: str, **_: Any) -> None:
+        labels = dict((body.get("metadata") or {}).get("labels") or {})
+        namespaces.namespace_changed(name, labels, deleted=type == "DELETED")

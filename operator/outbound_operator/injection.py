@@ -3,8 +3,9 @@ injection settings to a JSONPatch (RFC 6902) or the mutated Pod.
 
 The sidecar is a native one (an init container with `restartPolicy: Always`, Kubernetes >= 1.29): it starts
 before the app's containers and stops after them, so mail submitted during shutdown still leaves.
-It runs `outbound-relay serve` on the namespace's rendered config (Secret `outbound-relay-config`, plus an
-optional hooks ConfigMap, both projected read-only into /etc/outbound-relay) and listens on
+It runs `outbound-relay serve` on the namespace's rendered config (Secret `outbound-relay-config`, mounted
+read-only at /etc/outbound-relay/config; an optional hooks ConfigMap at /etc/outbound-relay/hooks, a
+directory of its own, so that no ConfigMap key can replace relay.yaml or a CA file) and listens on
 127.0.0.1:2525; docs/helm.md lists the annotations.
 
 Idempotent: a Pod that already has the sidecar gets an empty patch, so a second admission changes nothing.
@@ -28,7 +29,7 @@ ANNOTATION_INJECT: Final = "outboundrelay.io/inject"
 ANNOTATION_BINDING: Final = "outboundrelay.io/binding"
 """Pod annotation: the binding of mail without an X-Binding header (the relay's `--default-binding`)."""
 ANNOTATION_HOOKS: Final = "outboundrelay.io/hooks-configmap"
-"""Pod annotation: a ConfigMap whose keys (e.g. auth.lua) are projected next to relay.yaml."""
+"""Pod annotation: a ConfigMap whose keys (e.g. auth.lua) are mounted at HOOKS_DIR, apart from relay.yaml."""
 ANNOTATION_INJECTED: Final = "outboundrelay.io/injected"
 """Annotation and label the webhook sets (value "true") on every Pod it injected."""
 NAMESPACE_LABEL: Final = "outboundrelay.io/inject"
@@ -36,12 +37,16 @@ NAMESPACE_LABEL: Final = "outboundrelay.io/inject"
 
 CONTAINER_NAME: Final = "outbound-relay"
 VOLUME_NAME: Final = "outbound-relay-config"
+HOOKS_VOLUME: Final = "outbound-relay-hooks"
 NO_TOKEN_VOLUME: Final = "outbound-relay-no-token"  # noqa: S105 - a volume name, not a token
 # The API server mounts the Pod's ServiceAccount token into every container without a mount here; the
 # relay never calls the API, so an empty directory takes the token's place in the sidecar.
 TOKEN_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105 - a path
-CONFIG_DIR: Final = "/etc/outbound-relay"
+CONFIG_DIR: Final = "/etc/outbound-relay/config"
+"""Only the operator's Secret: relay.yaml and the CA files it names, nothing a ConfigMap could add."""
 CONFIG_FILE: Final = f"{CONFIG_DIR}/relay.yaml"
+HOOKS_DIR: Final = "/etc/outbound-relay/hooks"
+"""The hooks ConfigMap's keys (e.g. auth.lua); relay.yaml names them by absolute path."""
 METRICS_PORT_NAME: Final = "relay-metrics"  # a port name has at most 15 characters (IANA_SVC_NAME)
 
 # A binding name is checked as OutboundAuthPolicy's scope.binding is (crd_models.BindingName): a Pod's
@@ -134,7 +139,7 @@ class InjectionSettings(BaseModel):
     config_secret: str = Field(default="outbound-relay-config", alias="configSecret", min_length=1)
     """The Secret the operator renders in each namespace (key relay.yaml)."""
     hooks_config_map: ConfigMapName | None = Field(default=None, alias="hooksConfigMap")
-    """ConfigMap projected next to relay.yaml in every injected Pod unless the Pod names its own."""
+    """ConfigMap mounted at /etc/outbound-relay/hooks in every injected Pod unless the Pod names its own."""
     log_level: LogLevel = Field(default="info", alias="logLevel")
     """`outbound-relay serve --log-level`."""
     shutdown_timeout_seconds: float = Field(default=25.0, alias="shutdownTimeoutSeconds", gt=0, le=3600)
@@ -172,7 +177,9 @@ def is_injected(pod: Mapping[str, Any]) -> bool:
     return any(c.get("name") == CONTAINER_NAME for c in containers)
 
 
-def sidecar_container(settings: InjectionSettings, *, binding: str | None = None) -> dict[str, Any]:
+def sidecar_container(
+    settings: InjectionSettings, *, binding: str | None = None, hooks: bool = False
+) -> dict[str, Any]:
     """The init container with `restartPolicy: Always` that runs the relay."""
     args = [
         "serve",
@@ -222,6 +229,7 @@ def sidecar_container(settings: InjectionSettings, *, binding: str | None = None
         "resources": resources,
         "volumeMounts": [
             {"name": VOLUME_NAME, "mountPath": CONFIG_DIR, "readOnly": True},
+            *([{"name": HOOKS_VOLUME, "mountPath": HOOKS_DIR, "readOnly": True}] if hooks else []),
             {"name": NO_TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
         ],
         "securityContext": {
@@ -238,17 +246,20 @@ def sidecar_container(settings: InjectionSettings, *, binding: str | None = None
     }
 
 
-def config_volume(settings: InjectionSettings, *, hooks: str | None = None) -> dict[str, Any]:
-    """One projected volume: the rendered Secret and the hooks ConfigMap. A nested mount inside a read-only
-    Secret volume would fail.
+def config_volume(settings: InjectionSettings) -> dict[str, Any]:
+    """The rendered Secret, alone in its volume: a projected volume merging it with the hooks ConfigMap
+    would let a ConfigMap key `relay.yaml` or `ca-*.pem` silently replace the operator's file, and anyone
+    who may edit that ConfigMap is not necessarily allowed to change what the relay loads.
 
-    Both are optional: a Pod of a namespace with no policy yet (so no rendered Secret) starts anyway, its
-    relay answers every transaction `451 4.3.5` (the app retries) until the kubelet projects the Secret,
-    then loads it; a required Secret would hold the Pod in ContainerCreating instead."""
-    sources: list[dict[str, Any]] = [{"secret": {"name": settings.config_secret, "optional": True}}]
-    if hooks is not None:
-        sources.append({"configMap": {"name": hooks, "optional": True}})
-    return {"name": VOLUME_NAME, "projected": {"sources": sources}}
+    Optional: a Pod of a namespace with no policy yet (so no rendered Secret) starts anyway, its relay
+    answers every transaction `451 4.3.5` (the app retries) until the kubelet projects the Secret, then
+    loads it; a required Secret would hold the Pod in ContainerCreating instead."""
+    return {"name": VOLUME_NAME, "secret": {"secretName": settings.config_secret, "optional": True}}
+
+
+def hooks_volume(name: str) -> dict[str, Any]:
+    """The hooks ConfigMap in a volume of its own, mounted at HOOKS_DIR; optional as the Secret is."""
+    return {"name": HOOKS_VOLUME, "configMap": {"name": name, "optional": True}}
 
 
 def _pointer(*parts: str) -> str:
@@ -285,19 +296,20 @@ def injection_patch(pod: Mapping[str, Any], settings: InjectionSettings) -> Json
             f"{settings.metrics_port} would clash with every other such Pod on the node"
         )
     for volume in spec.get("volumes") or ():
-        if volume.get("name") in (VOLUME_NAME, NO_TOKEN_VOLUME):
+        if volume.get("name") in (VOLUME_NAME, HOOKS_VOLUME, NO_TOKEN_VOLUME):
             raise InjectionError(f"the Pod already has a volume named {volume['name']!r}; rename it")
     binding, hooks = _requested(pod, settings)
 
     patch: JsonPatch = []
-    container = sidecar_container(settings, binding=binding)
+    container = sidecar_container(settings, binding=binding, hooks=hooks is not None)
     # First of the init containers, so that later init containers can send mail too.
     if spec.get("initContainers"):
         patch.append({"op": "add", "path": "/spec/initContainers/0", "value": container})
     else:
         patch.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
     volumes = [
-        config_volume(settings, hooks=hooks),
+        config_volume(settings),
+        *([hooks_volume(hooks)] if hooks is not None else []),
         # Not 1Ki: the kubelet measures an emptyDir with du, and an empty directory takes a 4 KiB block on
         # ext4; above its sizeLimit the whole Pod is evicted (seen on a real kubelet, tests/node).
         {"name": NO_TOKEN_VOLUME, "emptyDir": {"sizeLimit": "64Ki"}},

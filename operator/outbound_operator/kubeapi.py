@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Callable, Mapping
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from outbound_operator.resources import GROUP, MANAGER, RENDERED_SECRET, VERSION
+from outbound_operator.resources import GROUP, MANAGED_BY_LABEL, MANAGER, RENDERED_SECRET, VERSION
 
 # At most this many API calls in flight from the operator: it is one client among many.
 MAX_CONCURRENT_CALLS = 16
@@ -26,6 +28,19 @@ MAX_CONCURRENT_CALLS = 16
 
 class ConflictError(RuntimeError):
     """The object changed since it was read (HTTP 409); read it again and retry."""
+
+
+class WatchExpiredError(RuntimeError):
+    """The watch's resourceVersion is too old (410 Gone): list again, and assume events were missed."""
+
+
+class WatchError(RuntimeError):
+    """A watch could not start or broke (HTTP status, connection); retried after a pause."""
+
+
+WATCH_SECONDS = 290
+"""A watch request ends after this long (the API server's own limit is longer) and is resumed from the
+last resourceVersion seen: a connection silently dropped by the network is never waited on forever."""
 
 
 def load_api_client() -> client.ApiClient:
@@ -60,7 +75,14 @@ class KubeApi:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def _call(
         self, method: Callable[..., Any], *args: Any, missing_ok: bool = True, **kwargs: Any
@@ -186,3 +208,106 @@ class KubeApi:
             "count": 1,
         }
         await self._call(self.core.create_namespaced_event, namespace, body)
+
+    async def list_version(self, namespace: str) -> str:
+        """The resourceVersion of the namespace's Secrets as of now, read without their content (a list
+        of at most one item): where a watch starts."""
+        found = await self._call(self.core.list_namespaced_secret, namespace, limit=1, missing_ok=False)
+        return str(found["metadata"]["resourceVersion"])
+
+    def _watch_session(self) -> aiohttp.ClientSession:
+        """An aiohttp session with the client's credentials: a watch is a long request, which would hold a
+        worker thread for its whole life if made with the synchronous client."""
+        if self._session is None:
+            settings = self.api.configuration
+            context = ssl.create_default_context(cafile=settings.ssl_ca_cert)
+            if not settings.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            if settings.cert_file:
+                context.load_cert_chain(settings.cert_file, settings.key_file)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=context), timeout=aiohttp.ClientTimeout(sock_connect=10)
+            )
+        return self._session
+
+    def _auth_headers(self) -> dict[str, str]:
+        headers = {}
+        for setting in self.api.configuration.auth_settings().values():  # a refreshed token in a Pod
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[str(setting["key"])] = str(setting["value"])
+        return headers
+
+    async def watch_secrets(
+        self, namespace: str, resource_version: str
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(type, Secret) for each change in `namespace` after `resource_version`, until the request ends
+        (WATCH_SECONDS); BOOKMARK events carry only the resourceVersion to resume from. Raises
+        WatchExpiredError for 410 Gone, WatchError for anything else that ends it early."""
+        url = f"{self.api.configuration.host}/api/v1/namespaces/{namespace}/secrets"
+        params = {
+            "watch": "1",
+            "resourceVersion": resource_version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(WATCH_SECONDS),
+        }
+        session = self._watch_session()
+        try:
+            async with session.get(
+                url,
+                params=params,
+                headers=self._auth_headers(),
+                timeout=aiohttp.ClientTimeout(total=WATCH_SECONDS + 30, sock_connect=10),
+            ) as response:
+                if response.status == 410:
+                    raise WatchExpiredError(f"watch of Secrets in {namespace}: 410 Gone")
+                if response.status != 200:
+                    raise WatchError(
+                        f"watch of Secrets in {namespace}: HTTP {response.status} {response.reason}"
+                    )
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind, body = str(event.get("type")), event.get("object") or {}
+                    if kind == "ERROR":
+                        if body.get("code") == 410:
+                            raise WatchExpiredError(f"watch of Secrets in {namespace}: 410 Gone")
+                        raise WatchError(
+                            f"watch of Secrets in {namespace}: {body.get('code')} {body.get('reason')}"
+                        )
+                    yield kind, body
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            raise WatchError(f"watch of Secrets in {namespace}: {type(error).__name__}") from None
+
+    async def ensure_role_binding(
+        self, namespace: str, name: str, *, cluster_role: str, subject: tuple[str, str]
+    ) -> bool:
+        """The RoleBinding `name` in `namespace`, giving ClusterRole `cluster_role` to ServiceAccount
+        `subject` (namespace, name), as it should be; True if it was created or replaced."""
+        body: dict[str, Any] = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": namespace, "labels": {MANAGED_BY_LABEL: MANAGER}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+            "subjects": [{"kind": "ServiceAccount", "namespace": subject[0], "name": subject[1]}],
+        }
+        current = await self._call(self.rbac.read_namespaced_role_binding, name, namespace)
+        if current is None:
+            await self._call(self.rbac.create_namespaced_role_binding, namespace, body, field_manager=MANAGER)
+            return True
+        if current.get("roleRef") == body["roleRef"] and current.get("subjects") == body["subjects"]:
+            return False
+        if current.get("roleRef") != body["roleRef"]:  # roleRef is immutable: delete and create
+            await self._call(self.rbac.delete_namespaced_role_binding, name, namespace)
+            await self._call(self.rbac.create_namespaced_role_binding, namespace, body, field_manager=MANAGER)
+            return True
+        body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        await self._call(
+            self.rbac.replace_namespaced_role_binding, name, namespace, body, field_manager=MANAGER
+        )
+        return True
+
+    async def delete_role_binding(self, namespace: str, name: str) -> bool:
+        """False if there was none."""
+        return await self._call(self.rbac.delete_namespaced_role_binding, name, namespace) is not None

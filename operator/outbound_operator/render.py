@@ -230,6 +230,16 @@ class Rendering:
 def _secret_value(
     namespace: str, ref: SecretKeyRef, secrets: Mapping[str, Mapping[str, bytes]]
 ) -> tuple[bytes | None, Problem | None]:
+    if ref.name == RENDERED_SECRET:
+        # It holds every policy's password: naming it would send them all to this policy's gateway (and
+        # nest the file in itself at each resync). The admission check refuses it; a policy stored before
+        # that check existed is suspended here.
+        return None, Problem(
+            type=ConditionType.INVALID,
+            reason="RenderedSecretReferenced",
+            message=f"Secret {namespace}/{RENDERED_SECRET} is the one the operator renders; no policy may "
+            "name it",
+        )
     values = secrets.get(ref.name)
     if values is None:
         return None, Problem(

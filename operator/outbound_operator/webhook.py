@@ -1,4 +1,6 @@
-"""The mutating admission webhook that injects the relay sidecar, served by the operator process.
+"""The operator's admission webhooks: the mutating one that injects the relay sidecar (POST /mutate-pods)
+and the validating one that checks who may name which Secret in an OutboundAuthPolicy (POST
+/validate-policies, policy_admission.py), served by the operator process.
 
 An aiohttp HTTPS server (not kopf's `@kopf.on.mutate`: kopf's managed MutatingWebhookConfiguration has no
 namespace selector, and its server cannot swap its certificate while running). The chart writes the
@@ -32,11 +34,12 @@ import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import kopf
 from aiohttp import web
 from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from outbound_operator.injection import (
     InjectionError,
@@ -46,6 +49,12 @@ from outbound_operator.injection import (
     wants_injection,
 )
 from outbound_operator.kubeapi import load_api_client
+from outbound_operator.policy_admission import (
+    VALIDATE_POLICIES_PATH,
+    ReviewCheckError,
+    access_review,
+    review_policy,
+)
 from outbound_operator.webhook_certs import (
     FileCertificates,
     RotationSettings,
@@ -126,6 +135,54 @@ def admission_response(review: Mapping[str, Any], settings: WebhookSettings) -> 
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
+MAX_REVIEW_BYTES: Final = 8 * 1024 * 1024
+"""Largest AdmissionReview body read: an object and its old version (the API server refuses requests over
+3 MiB) plus the review's own fields. aiohttp refuses a longer body with 413 before anything is parsed."""
+
+
+class BadReviewError(ValueError):
+    """The body is not an AdmissionReview as the API server sends one; the message says what is wrong."""
+
+
+_REQUEST_FIELDS: Final[dict[str, tuple[tuple[type, ...], str]]] = {
+    "kind": ((dict,), "an object"),
+    "resource": ((dict,), "an object"),
+    "operation": ((str,), "a string"),
+    "namespace": ((str,), "a string"),
+    "name": ((str,), "a string"),
+    "subResource": ((str,), "a string"),
+    "object": ((dict, type(None)), "an object or null"),
+    "oldObject": ((dict, type(None)), "an object or null"),
+    "userInfo": ((dict,), "an object"),
+    "dryRun": ((bool,), "true or false"),
+}
+
+
+def parse_review(body: bytes) -> dict[str, Any]:
+    """An AdmissionReview from a request body, its request's fields checked for type (the ones the
+    webhook reads); raises BadReviewError naming the first thing wrong."""
+    try:
+        review = json.loads(body)
+    except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than the parser goes
+        raise BadReviewError(f"the body is not JSON ({type(error).__name__})") from None
+    if not isinstance(review, dict):
+        raise BadReviewError(f"expected an AdmissionReview object, got a JSON {type(review).__name__}")
+    request = review.get("request")
+    if not isinstance(request, dict):
+        raise BadReviewError("AdmissionReview.request is missing or not an object")
+    if not isinstance(request.get("uid"), str) or not request["uid"]:
+        raise BadReviewError("AdmissionReview.request.uid is missing or not a string")
+    for key, (types, wanted) in _REQUEST_FIELDS.items():
+        if key in request and not isinstance(request[key], types):
+            raise BadReviewError(f"AdmissionReview.request.{key} is not {wanted}")
+    for key in ("object", "oldObject"):
+        if isinstance(request.get(key), dict):
+            for part in ("metadata", "spec"):
+                if not isinstance(request[key].get(part, {}), dict):
+                    raise BadReviewError(f"AdmissionReview.request.{key}.{part} is not an object")
+    return review
+
+
 def _describe(review: Mapping[str, Any]) -> str:
     request = review.get("request") or {}
     meta = (request.get("object") or {}).get("metadata") or {}
@@ -148,14 +205,20 @@ def _upkeep_ended(task: asyncio.Task[None]) -> None:
 
 
 class WebhookServer:
-    """The HTTPS server: POST /mutate-pods (AdmissionReview), GET /healthz."""
+    """The HTTPS server: POST /mutate-pods and /validate-policies (AdmissionReview), GET /healthz. A body
+    that is not an AdmissionReview is answered 400 with the reason, one too large 413."""
 
-    def __init__(self, settings: WebhookSettings, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, settings: WebhookSettings, context: ssl.SSLContext, api: client.ApiClient | None = None
+    ) -> None:
         self.settings = settings
         self.context = context
+        self.api = api
+        """For the SubjectAccessReviews of the policy check (default: loaded at the first one)."""
         self.reviews = 0
         """AdmissionReviews answered so far (tests use it to show who never called)."""
         self.injected = 0
+        self.refused_policies = 0
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._handlers: set[web.RequestHandler] = set()
@@ -174,14 +237,29 @@ class WebhookServer:
             raise WebhookUnhealthyError("the webhook's certificate upkeep has stopped")
         return {"reviews": self.reviews, "injected": self.injected}
 
+    async def _read_review(self, request: web.Request) -> dict[str, Any]:
+        """The AdmissionReview of `request`: the body is read up to MAX_REVIEW_BYTES (413 beyond), then
+        parsed in a worker thread, so a large or deeply nested body never holds up the event loop that
+        runs the operator's watches. Raises BadReviewError (answered 400)."""
+        body = await request.read()
+        return await asyncio.to_thread(parse_review, body)
+
+    @staticmethod
+    def _bad_request(error: Exception) -> web.Response:
+        log.warning("bad AdmissionReview refused: %s", error)
+        return web.json_response({"error": f"expected an AdmissionReview: {error}"}, status=400)
+
     async def _mutate(self, request: web.Request) -> web.Response:
         try:
-            review = await request.json()
-            if not isinstance(review, dict):
-                raise TypeError("not an object")
-        except (ValueError, TypeError) as error:
-            return web.json_response({"error": f"expected an AdmissionReview: {error}"}, status=400)
-        answer = admission_response(review, self.settings)
+            review = await self._read_review(request)
+            answer = admission_response(review, self.settings)
+        except BadReviewError as error:
+            return self._bad_request(error)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError) as error:
+            # A Pod of a shape the API server never sends (the request's fields were checked above).
+            return self._bad_request(
+                BadReviewError(f"the Pod is malformed ({type(error).__name__}: {error})")
+            )
         self.reviews += 1
         response = answer["response"]
         if "patch" in response:
@@ -194,12 +272,49 @@ class WebhookServer:
             log.debug("[%s] has the sidecar already", _describe(review))
         return web.json_response(answer)
 
+    async def _validate_policy(self, request: web.Request) -> web.Response:
+        try:
+            review = await self._read_review(request)
+            response = await review_policy(review["request"], self._may_get)
+        except BadReviewError as error:
+            return self._bad_request(error)
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError) as error:
+            malformed = f"the request is malformed ({type(error).__name__}: {error})"
+            return self._bad_request(BadReviewError(malformed))
+        self.reviews += 1
+        if not response["allowed"]:
+            self.refused_policies += 1
+            log.warning("policy refused: %s", response["status"]["message"])
+        return web.json_response(
+            {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+        )
+
+    async def _may_get(self, user_info: Mapping[str, Any], namespace: str, name: str) -> bool:
+        """A SubjectAccessReview (the operator's RBAC: create subjectaccessreviews)."""
+        body = access_review(user_info, namespace, name)
+
+        def call() -> bool:
+            if self.api is None:  # in-cluster, else $KUBECONFIG; injection alone never needs it
+                self.api = load_api_client()
+            authorization = client.AuthorizationV1Api(self.api)
+            try:
+                response: Any = authorization.create_subject_access_review(
+                    cast(Any, body), _preload_content=False
+                )
+            except ApiException as error:
+                raise ReviewCheckError(f"SubjectAccessReview: {error.status} {error.reason}") from None
+            status = json.loads(response.data).get("status") or {}
+            return status.get("allowed") is True and not status.get("denied")
+
+        return await asyncio.to_thread(call)
+
     async def _health(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=8 * 1024 * 1024)  # a Pod is well below the API's 3 MiB limit
+        app = web.Application(client_max_size=MAX_REVIEW_BYTES)
         app.router.add_post(MUTATE_PATH, self._mutate)
+        app.router.add_post(VALIDATE_POLICIES_PATH, self._validate_policy)
         app.router.add_get(HEALTH_PATH, self._health)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -261,7 +376,7 @@ async def serve(
             rotation=settings.rotation,
         )
     await certificates.start()
-    server = WebhookServer(settings, context)
+    server = WebhookServer(settings, context, api)
     server.certificates = certificates
     await server.start()
     upkeep = asyncio.create_task(certificates.run(), name="outbound-relay webhook certificates")

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import urllib3
 from cryptography import x509
@@ -174,19 +174,35 @@ def _not_after(cert_pem: bytes) -> datetime.datetime:
     return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
 
 
-async def patch_ca_bundle(api: client.ApiClient, configuration: str, ca_bundle: bytes) -> bool:
-    """Set the caBundle of every webhook of MutatingWebhookConfiguration `configuration` (RBAC: get and
-    patch on that one name). False if it does not exist (yet); True once every webhook has `ca_bundle`."""
+WEBHOOK_KINDS: Final = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
+"""The chart names both after the release: sidecar injection, and the check of OutboundAuthPolicy."""
+
+
+async def patch_ca_bundle(
+    api: client.ApiClient, configuration: str, ca_bundle: bytes, kind: str = WEBHOOK_KINDS[0]
+) -> bool:
+    """Set the caBundle of every webhook of the `kind` (Mutating- or ValidatingWebhookConfiguration) named
+    `configuration` (RBAC: get and patch on that one name). False if it does not exist (yet); True once
+    every webhook has `ca_bundle`."""
     admission = client.AdmissionregistrationV1Api(api)
+    read, patch_call = (
+        (admission.read_mutating_webhook_configuration, admission.patch_mutating_webhook_configuration)
+        if kind == WEBHOOK_KINDS[0]
+        else (
+            admission.read_validating_webhook_configuration,
+            admission.patch_validating_webhook_configuration,
+        )
+    )
     wanted = base64.b64encode(ca_bundle).decode()
     try:
-        current = await asyncio.to_thread(admission.read_mutating_webhook_configuration, configuration)
+        current: Any = await asyncio.to_thread(read, configuration)
     except ApiException as error:
         if error.status == 404:
             return False
         raise
-    names = [webhook.name for webhook in current.webhooks or ()]
-    stale = [w.name for w in current.webhooks or () if w.client_config.ca_bundle != wanted]
+    webhooks = current.webhooks or ()
+    names = [webhook.name for webhook in webhooks]
+    stale = [w.name for w in webhooks if w.client_config.ca_bundle != wanted]
     if not stale:
         return True
     # A JSON patch guarded by `test` on each name: a concurrent edit that reorders webhooks fails the
@@ -195,10 +211,8 @@ async def patch_ca_bundle(api: client.ApiClient, configuration: str, ca_bundle: 
     for index, name in enumerate(names):
         patch.append({"op": "test", "path": f"/webhooks/{index}/name", "value": name})
         patch.append({"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle", "value": wanted})
-    await asyncio.to_thread(admission.patch_mutating_webhook_configuration, configuration, patch)
-    log.info(
-        "caBundle of MutatingWebhookConfiguration %s updated (webhooks %s)", configuration, ", ".join(stale)
-    )
+    await asyncio.to_thread(patch_call, configuration, patch)
+    log.info("caBundle of %s %s updated (webhooks %s)", kind, configuration, ", ".join(stale))
     return True
 
 
@@ -255,6 +269,8 @@ class SelfManagedCertificates:
                     "MutatingWebhookConfiguration %s not found: no Pod gets the sidecar until it exists",
                     self.configuration,
                 )
+            # Absent (a chart without it): nothing calls /validate-policies, nothing to publish.
+            await patch_ca_bundle(self.api, self.configuration, self._trusted, WEBHOOK_KINDS[1])
             return True
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
             log.warning("caBundle of %s not updated (%s); retrying", self.configuration, _brief(error))

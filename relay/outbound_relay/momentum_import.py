@@ -14,7 +14,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import yaml
@@ -36,8 +36,13 @@ _IGNORED_GLOBALS: Final = {
     "keepmessagedictsinmemory": "Keep_Message_Dicts_In_Memory is not needed: the relay keeps message "
     "context in memory",
 }
+_PASSWORD_KEY: Final = "outboundsmtpauthpass"  # noqa: S105 (a key name, not a password)
+_PASSWORD_NAME: Final = "Outbound_SMTP_AUTH_Pass"  # noqa: S105 (a key name, not a password)
+# What may follow a password's value on its line: another setting (`... Pass = "x" Gateway = "h:25"`).
+_KNOWN_KEYS: Final = frozenset({*_AUTH_KEYS, "gateway"})
 _MODULE: Final = "outboundsmtpauth"
 _SCOPES: Final = {"domain": "Domain", "binding": "Binding", "bindinggroup": "Binding_Group"}
+_RECOGNIZED: Final = frozenset({*_KNOWN_KEYS, *_SCOPES, _MODULE, *_IGNORED_GLOBALS})
 # Which scope stanzas each scope may contain, as Momentum allows them.
 _NESTING: Final = {
     None: {"domain", "binding", "bindinggroup"},
@@ -63,6 +68,7 @@ class _Token:
     kind: str  # "word", "string", "=", "{", "}", "(", ")"
     text: str
     line: int
+    hidden: bool = False  # may be part of a password: never quoted in an error
 
 
 _PUNCTUATION = "={}()"
@@ -116,18 +122,47 @@ class _Node:
     value: str | list[str] | None = None  # an assignment: "x" or ( a b c )
     argument: str | None = None  # a stanza: Name "argument" { ... }
     children: list[_Node] | None = None  # None for an assignment
+    hidden: bool = False  # the name may be part of a password (never quoted)
 
     @property
     def key(self) -> str:
         return _fold(self.name)
 
+    @property
+    def shown(self) -> str:
+        return f"(a key after {_PASSWORD_NAME}, not shown)" if self.hidden else repr(self.name)
+
+
+def _hide_password_text(tokens: list[_Token]) -> list[_Token]:
+    """Mark what follows `Outbound_SMTP_AUTH_Pass` on its line (and on the lines a quoted string there
+    spans): a value is always on its key's line, so any of that text may be a password or a piece of one
+    (`Pass = two words`, a stray quote). Key names stay visible."""
+    marked, until = [], 0
+    for token in tokens:
+        if token.kind in ("word", "string") and _fold(token.text) == _PASSWORD_KEY:
+            until = token.line
+        elif token.line <= until and _fold(token.text) not in _KNOWN_KEYS:
+            token = replace(token, hidden=True)
+            until = max(until, token.line + token.text.count("\n"))
+        marked.append(token)
+    return marked
+
 
 class _Parser:
     def __init__(self, text: str, source: str) -> None:
         self.source = source
-        self.tokens = list(_tokens(text, source))
+        self.tokens = _hide_password_text(list(_tokens(text, source)))
+        # After an unquoted password, whose value ends at the line's end: an unknown name on the next lines
+        # may be the rest of a password that held a line break.
+        self.suspect = False
         self.pos = 0
         self.last_line = text.count("\n") + 1
+
+    @staticmethod
+    def show(token: _Token) -> str:
+        """A token quoted for an error, unless it may be (part of) a password: errors go to terminals, CI
+        logs and tickets."""
+        return f"a value after {_PASSWORD_NAME} (not shown)" if token.hidden else repr(token.text)
 
     def error(self, line: int, message: str) -> MomentumImportError:
         return MomentumImportError(f"{self.source}:{line}: {message}")
@@ -156,16 +191,36 @@ class _Parser:
                 return nodes
             nodes.append(self.statement())
 
+    def unexpected(self, line: int) -> MomentumImportError:
+        return self.error(
+            line,
+            f"unexpected text after the value of {_PASSWORD_NAME} (not shown: it may be part of the "
+            "password); quote a password that holds spaces, quotes, line breaks, '#' or any of = { } ( )",
+        )
+
     def statement(self) -> _Node:
         name = self.take()
+        hidden = name.hidden or (
+            self.suspect and name.kind in ("word", "string") and _fold(name.text) not in _RECOGNIZED
+        )
+        self.suspect = False
         if name.kind not in ("word", "string"):
-            raise self.error(name.line, f"expected a key or a stanza name, found {name.text!r}")
+            if hidden:
+                raise self.unexpected(name.line)
+            raise self.error(name.line, f"expected a key or a stanza name, found {self.show(name)}")
         after = self.peek()
         if after is None:
-            raise self.error(name.line, f"{name.text!r} has no value: expected '= value' or '{{ ... }}'")
+            if hidden:
+                raise self.unexpected(name.line)
+            raise self.error(name.line, f"{self.show(name)} has no value: expected '= value' or '{{ ... }}'")
         if after.kind == "=":
             self.take()
-            return _Node(name.text, name.line, value=self.value(name))
+            node = _Node(name.text, name.line, value=self.value(name), hidden=hidden)
+            unquoted = self.tokens[self.pos - 1].kind == "word"
+            self.suspect = hidden or (node.key == _PASSWORD_KEY and unquoted)
+            return node
+        if hidden or after.hidden:
+            raise self.unexpected(name.line)
         if after.kind == "{":
             opened = self.take()
             return _Node(name.text, name.line, children=self.block(opened, name.text))
@@ -175,7 +230,7 @@ class _Parser:
             opened = self.take()
             label = f'{name.text} "{after.text}"'
             return _Node(name.text, name.line, argument=after.text, children=self.block(opened, label))
-        raise self.error(name.line, f"expected '=' or '{{' after {name.text!r}, found {after.text!r}")
+        raise self.error(name.line, f"expected '=' or '{{' after {self.show(name)}, found {self.show(after)}")
 
     def value(self, name: _Token) -> str | list[str]:
         token = self.peek()
@@ -284,13 +339,14 @@ def _collect(nodes: list[_Node], scope: dict[str, str], kind: str | None, line: 
             elif key == _MODULE and kind is None:
                 for inner in node.children:
                     state.warn(
-                        inner.line, f"{inner.name!r} in the outbound_smtp_auth module stanza is not converted"
+                        inner.line, f"{inner.shown} in the outbound_smtp_auth module stanza is not converted"
                     )
             else:
                 state.warn(node.line, f"unsupported stanza {node.name!r} in {label} is not converted")
             continue
         if key in seen:
-            raise state.error(node.line, f"{node.name} is set twice in {label} (line {seen[key]})")
+            shown = node.shown if node.hidden else node.name
+            raise state.error(node.line, f"{shown} is set twice in {label} (line {seen[key]})")
         seen[key] = node.line
         value = node.value
         if key in _AUTH_KEYS or key == "gateway":
@@ -311,7 +367,7 @@ def _collect(nodes: list[_Node], scope: dict[str, str], kind: str | None, line: 
         elif kind is None and key in _IGNORED_GLOBALS:
             state.notes.append(f"{state.source}:{node.line}: {_IGNORED_GLOBALS[key]}")
         else:
-            state.warn(node.line, f"unsupported key {node.name!r} in {label} is not converted")
+            state.warn(node.line, f"unsupported key {node.shown} in {label} is not converted")
     if policy.settings:
         state.policies.append(policy)
 

@@ -136,7 +136,7 @@ def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_pat
     ],
 )
 def test_operator_accepts_what_the_chart_passes(
-    control_plane: ControlPlane, namespace: str, tmp_path: Path, variant: str
+    control_plane: ControlPlane, namespace: str, tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Deployment's args parse with outbound-operator's own parser (plus the webhook's options), the
     sidecar.yaml of the chart's ConfigMap loads into the webhook's InjectionSettings, and a Pod injected
@@ -155,7 +155,17 @@ def test_operator_accepts_what_the_chart_passes(
     parser = cli.build_parser()
     with contextlib.suppress(argparse.ArgumentError):  # already there once the CLI adds them itself
         webhook.add_arguments(parser)
-    settings = webhook.settings_from_args(parser.parse_args(args))
+    parsed = parser.parse_args(args)
+    monkeypatch.setenv("POD_NAMESPACE", "outbound-relay-system")  # the Deployment's env
+    serving = cli.serve_settings(parsed)
+    if variant == "watch-namespaces":
+        assert serving.patterns == ("mail",) and serving.bind_cluster_role is None
+    else:
+        # Only opted-in namespaces, with rights the operator grants itself there (docs/security.md).
+        assert serving.label == ("outboundrelay.io/inject", "enabled")
+        assert serving.bind_cluster_role is not None and serving.bind_cluster_role.endswith("-render")
+        assert serving.service_account is not None
+    settings = webhook.settings_from_args(parsed)
     assert settings is not None
     assert settings.configuration == configuration["metadata"]["name"]
     assert settings.port == 9443
@@ -319,18 +329,21 @@ def test_install_and_uninstall(
     admission = client.AdmissionregistrationV1Api(k8s_client)
     stored = read_json(admission.read_mutating_webhook_configuration, configuration)
     assert stored["webhooks"][0]["failurePolicy"] == "Ignore"
-    # A policy is accepted: the CRDs serve.
-    control_plane.kubectl(
-        "apply", "-n", namespace, "-f", str(Path(__file__).parents[2] / "docs/examples/policy.yaml")
-    )
+    # A policy reaches admission (the CRDs serve) and is refused unchecked: the operator's Pod (kwok runs
+    # no container) cannot answer the policy check, whose failurePolicy is Fail.
+    example = str(Path(__file__).parents[2] / "docs/examples/policy.yaml")
+    refused = control_plane.run("kubectl", "apply", "-n", namespace, "-f", example, check=False)
+    assert refused.returncode != 0 and 'failed calling webhook "policies.outboundrelay.io"' in refused.stderr
 
     who = f"system:serviceaccount:{namespace}:{fullname}"
-    assert _can(control_plane, who, "list", "secrets", "default")
-    assert _can(control_plane, who, "update", "secrets/outbound-relay-config", "default")
-    assert not _can(control_plane, who, "update", "secrets/someone-elses", "default")
-    assert _can(control_plane, who, "patch", "outboundauthpolicies.outboundrelay.io:status", "default")
+    # No Secret rights anywhere until the operator binds itself in an opted-in namespace.
+    assert not _can(control_plane, who, "list", "secrets", "default")
+    assert not _can(control_plane, who, "update", "secrets/outbound-relay-config", "default")
+    assert _can(control_plane, who, "create", "subjectaccessreviews.authorization.k8s.io")
+    assert _can(control_plane, who, "list", "outboundauthpolicies.outboundrelay.io", "default")
     assert not _can(control_plane, who, "patch", "outboundauthpolicies.outboundrelay.io", "default")
     assert not _can(control_plane, who, "delete", "outboundauthpolicies.outboundrelay.io", "default")
+    assert _can(control_plane, who, "patch", f"validatingwebhookconfigurations/{configuration}")
     assert _can(control_plane, who, "patch", f"mutatingwebhookconfigurations/{configuration}")
     assert not _can(control_plane, who, "patch", "mutatingwebhookconfigurations/another")
     assert not _can(control_plane, who, "create", "pods", "default")

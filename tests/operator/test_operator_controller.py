@@ -17,6 +17,7 @@ from outbound_operator import controller as controller_module
 from outbound_operator.controller import Controller, ControllerSettings, NamespaceState
 from outbound_operator.kubeapi import KubeApi
 from outbound_operator.metrics import OperatorMetrics, ReconcileResult
+from outbound_operator.namespaces import ServeSettings
 from outbound_operator.resources import RENDERED_LABELS
 from tests.operator.cluster import Objects
 from tests.operator.test_operator_reconcile import spec
@@ -96,7 +97,7 @@ async def test_a_secret_no_longer_referenced_is_forgotten(
 
     controller.policy_changed(ns, {**body, "spec": spec(None, "b")}, deleted=False)
     objects.delete_secret("a")
-    assert not controller.watches_secret(ns, "a")  # so kopf would never tell us of the deletion
+    assert not controller.watches_secret(ns, "a")  # so the watch drops the event of its deletion
     controller.policy_changed(ns, body, deleted=False)
     await controller.reconcile(ns)
     rendered = objects.rendered_policies()[f"{ns}/p"]
@@ -188,3 +189,33 @@ def test_the_secret_cache_keeps_what_is_referenced_and_only_that() -> None:
     assert set(state.secrets) == {"b"} and state.referenced == {"b", "c"}
     state.set_refs("p2", None)
     assert state.secrets == {}
+
+
+def test_served_namespaces_need_the_name_and_the_label() -> None:
+    settings = ServeSettings(patterns=("mail-*", "billing"), label=("outboundrelay.io/inject", "enabled"))
+    labelled = {"outboundrelay.io/inject": "enabled"}
+    assert settings.serves("mail-eu", labelled) and settings.serves("billing", labelled)
+    assert not settings.serves("mail-eu", {})
+    assert not settings.serves("mail-eu", {"outboundrelay.io/inject": "disabled"})
+    assert not settings.serves("kube-system", labelled)
+    assert ServeSettings().serves("anything", {})
+    assert ServeSettings(label=("a", "b")).serves("x", {"a": "b"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["-A", "--bind-cluster-role=r", "--namespace-label=a=b"], "needs --service-account"),
+        (["-A", "--bind-cluster-role=r", "--service-account=sa"], "needs --namespace-label"),
+        (["-A", "--namespace-label=nolabel"], "expected KEY=VALUE"),
+    ],
+)
+def test_self_binding_needs_a_label_and_an_identity(
+    argv: list[str], error: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binding itself in every namespace would amount to cluster-wide Secret rights: the CLI refuses it."""
+    from outbound_operator import cli
+
+    monkeypatch.setenv("POD_NAMESPACE", "outbound-relay-system")
+    with pytest.raises(SystemExit, match=error):
+        cli.serve_settings(cli.build_parser().parse_args(argv))

@@ -152,6 +152,29 @@ def test_missing_secret_suspends_the_policy_without_credentials() -> None:
     assert route.suspended is not None and route.password is None
 
 
+@pytest.mark.parametrize("field", ["passwordSecretRef", "userSecretRef", "caSecretRef"])
+def test_a_policy_naming_the_rendered_secret_is_suspended_and_gets_nothing_from_it(field: str) -> None:
+    """Even when the Secret is at hand (as in a namespace rendered before): its content never reaches
+    the policy, nor the rendered file itself."""
+    ref = {"name": "outbound-relay-config", "key": "relay.yaml"}
+    spec: dict[str, Any] = {"tls": {"caSecretRef": ref}} if field == "caSecretRef" else {field: ref}
+    thief = policy(
+        "thief", scope={"domain": "thief.example"}, gateway={"host": "evil.example", "port": 25}, **spec
+    )
+    good = policy("global")
+    values = secrets_for(good) | {"thief-smtp": {"password": b"x"}}
+    values["outbound-relay-config"] = {"relay.yaml": b"policies: [{password: pw-global}]"}
+    rendering = render_namespace(NS, [good, thief], [], values)
+    assert by_name(rendering.data)["mail/thief"] == {
+        "name": "mail/thief",
+        "scope": {"domain": "thief.example"},
+        "suspended": "Secret mail/outbound-relay-config is the one the operator renders; "
+        "no policy may name it",
+    }
+    assert cond(rendering.policies["thief"], ConditionType.INVALID)[:2] == (True, "RenderedSecretReferenced")
+    assert rendering.data["relay.yaml"].count(b"pw-global") == 1
+
+
 def test_missing_key_names_the_key() -> None:
     p = policy("p")
     rendering = render_namespace(NS, [p], [], {"p-smtp": {"pass": b"x"}})

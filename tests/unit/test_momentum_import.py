@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outbound_relay.config import AuthType, parse_config
 from outbound_relay.momentum_import import MomentumImportError, convert
@@ -303,3 +305,59 @@ class TestMalformed:
     def test_empty_file_is_empty_output(self) -> None:
         assert documents("# nothing here\n") == []
         assert relay_yaml("") == {"policies": []}
+
+
+class TestPasswordsNeverQuoted:
+    """A malformed password line fails or warns without printing any piece of the password: errors and
+    warnings reach terminals, CI logs and tickets."""
+
+    # Fragments in letters no message uses, so a fragment found in a message can only be a leak.
+    fragment = st.text(alphabet="QXZJKVW", min_size=8, max_size=12)
+    separator = st.sampled_from([" ", '"', "'", "{", "}", "=", "(", ")", "#", "\\", " = ", '" "', "\n"])
+
+    @staticmethod
+    def _password(fragments: list[str], separators: list[str]) -> str:
+        parts = [fragments[0]]
+        for piece, between in zip(fragments[1:], separators, strict=False):
+            parts += [between, piece]
+        return "".join(parts)
+
+    @settings(max_examples=400, deadline=None)  # a loaded CI machine is slow, not wrong
+    @given(
+        fragments=st.lists(fragment, min_size=1, max_size=4),
+        separators=st.lists(separator, min_size=3, max_size=3),
+        quoted=st.booleans(),
+        relay_config=st.booleans(),
+    )
+    def test_no_fragment_in_errors_or_warnings(
+        self, fragments: list[str], separators: list[str], quoted: bool, relay_config: bool
+    ) -> None:
+        password = self._password(fragments, separators)
+        value = f'"{password}"' if quoted else password
+        conf = f'Domain "a.com" {{\n  Outbound_SMTP_AUTH_Pass = {value}\n  Outbound_SMTP_AUTH_User = u\n}}\n'
+        try:
+            output = convert(conf, source="ecelerity.conf", namespace="mail", relay_config=relay_config)
+        except MomentumImportError as error:
+            shown = str(error)
+        else:
+            shown = "\n".join(line for line in output.splitlines() if line.startswith("# "))
+        for piece in fragments:
+            assert piece not in shown
+
+    def test_the_error_still_says_where_and_what(self) -> None:
+        conf = 'Domain "a.com" {\n  Outbound_SMTP_AUTH_Pass = QXZJKVWQ QXZJKVWZ\n}\n'
+        with pytest.raises(MomentumImportError) as caught:
+            convert(conf, source="ecelerity.conf", namespace="mail", relay_config=False)
+        assert str(caught.value).startswith(
+            "ecelerity.conf:2: unexpected text after the value of Outbound_SMTP_AUTH_Pass (not shown"
+        )
+        assert "QXZJ" not in str(caught.value)
+
+    def test_unknown_keys_after_a_quoted_password_are_still_named(self) -> None:
+        conf = 'Domain "a.com" {\n  Outbound_SMTP_AUTH_Pass = "p"\n  Max_Outbound_Connections = 5\n}\n'
+        output = convert(conf, source="ecelerity.conf", namespace="mail", relay_config=False)
+        assert "unsupported key 'Max_Outbound_Connections'" in output
+
+    def test_settings_after_a_password_on_its_line_still_convert(self) -> None:
+        conf = 'Domain "a.com" { Outbound_SMTP_AUTH_Pass = "p" Gateway = "smtp.example:587" }\n'
+        assert relay_yaml(conf)["policies"][0]["gateway"] == {"host": "smtp.example", "port": 587}

@@ -90,6 +90,8 @@ class Registration:
     configuration: str
     port: int
     settings: WebhookSettings
+    release: str = ""
+    """The Helm release name the chart was rendered with (names the webhook configurations)."""
     webhooks: list[ThreadedWebhook] = field(default_factory=list)
 
     def start(self, **changes: Any) -> ThreadedWebhook:
@@ -194,7 +196,7 @@ def registration(
         extra_ip_addresses=("127.0.0.1",),
         rotation=RotationSettings(check_interval=0.5, propagation_delay=1.0),
     )
-    registered = Registration(control_plane, k8s_client, operator_namespace, name, port, settings)
+    registered = Registration(control_plane, k8s_client, operator_namespace, name, port, settings, release)
     try:
         yield registered
     finally:

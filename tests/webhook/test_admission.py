@@ -53,11 +53,11 @@ def test_opted_in_pod_is_stored_with_the_sidecar_and_runs(
     assert stored["spec"]["initContainers"][0] is sidecar
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["command"] == ["outbound-relay"]
-    assert sidecar["args"][:3] == ["serve", "--config", "/etc/outbound-relay/relay.yaml"]
+    assert sidecar["args"][:3] == ["serve", "--config", "/etc/outbound-relay/config/relay.yaml"]
     mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
-    assert mounts["/etc/outbound-relay"] == {
+    assert mounts["/etc/outbound-relay/config"] == {
         "name": VOLUME_NAME,
-        "mountPath": "/etc/outbound-relay",
+        "mountPath": "/etc/outbound-relay/config",
         "readOnly": True,
     }
     # The API server's ServiceAccount token does not reach the relay: an empty directory holds its place.
@@ -65,7 +65,7 @@ def test_opted_in_pod_is_stored_with_the_sidecar_and_runs(
     assert sidecar["ports"][0]["name"] == "relay-metrics"
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
     (volume,) = [v for v in stored["spec"]["volumes"] if v["name"] == VOLUME_NAME]
-    assert volume["projected"]["sources"][0]["secret"]["name"] == "outbound-relay-config"
+    assert volume["secret"]["secretName"] == "outbound-relay-config"
     annotations = stored["metadata"]["annotations"]
     assert annotations[ANNOTATION_INJECTED] == "true"
     assert annotations["prometheus.io/port"] == "9425"

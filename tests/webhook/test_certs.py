@@ -17,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from outbound_operator import webhook_certs
 from outbound_operator.webhook import WebhookSettings, WebhookUnhealthyError, serve
 from outbound_operator.webhook_certs import (
+    WEBHOOK_KINDS,
     FileCertificates,
     RotationSettings,
     SelfManagedCertificates,
@@ -174,7 +175,9 @@ async def test_self_managed_upkeep_survives_unexpected_errors(monkeypatch: pytes
     writing the key) is logged and the next check runs: the task never dies silently."""
     calls: list[int] = []
 
-    async def flaky(_api: object, _configuration: str, _bundle: bytes) -> bool:
+    async def flaky(_api: object, _configuration: str, _bundle: bytes, kind: str = WEBHOOK_KINDS[0]) -> bool:
+        if kind != WEBHOOK_KINDS[0]:
+            return True  # the ValidatingWebhookConfiguration: counted once per check is enough
         calls.append(len(calls))
         if 2 <= len(calls) <= 4:  # the first (at start) succeeds
             raise ValueError("Invalid value for `webhooks`, must not be `None`")

@@ -75,18 +75,21 @@ def test_native_sidecar_with_the_rendered_config() -> None:
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == SETTINGS.image
     assert sidecar["command"] == ["outbound-relay"]
-    assert sidecar["args"][:3] == ["serve", "--config", "/etc/outbound-relay/relay.yaml"]
+    assert sidecar["args"][:3] == ["serve", "--config", "/etc/outbound-relay/config/relay.yaml"]
     assert "--default-binding" not in sidecar["args"]
     assert sidecar["ports"] == [{"name": "relay-metrics", "containerPort": 9425, "protocol": "TCP"}]
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/metrics", "port": "relay-metrics"}
-    assert {"name": VOLUME_NAME, "mountPath": "/etc/outbound-relay", "readOnly": True} in sidecar[
+    assert {"name": VOLUME_NAME, "mountPath": "/etc/outbound-relay/config", "readOnly": True} in sidecar[
         "volumeMounts"
     ]
     assert TOKEN_DIR in [m["mountPath"] for m in sidecar["volumeMounts"]]
     (volume,) = [v for v in result["spec"]["volumes"] if v["name"] == VOLUME_NAME]
     # Optional: a namespace with no rendered Secret yet must not hold the Pod in ContainerCreating; the
     # relay starts without it (--allow-missing-config) and defers mail until it appears.
-    assert volume["projected"]["sources"] == [{"secret": {"name": "outbound-relay-config", "optional": True}}]
+    assert volume == {
+        "name": VOLUME_NAME,
+        "secret": {"secretName": "outbound-relay-config", "optional": True},
+    }
     assert "--allow-missing-config" in sidecar["args"]
     # The probes' port is the relay's metrics port whatever relay.yaml says.
     assert sidecar["args"][sidecar["args"].index("--metrics-port") + 1] == "9425"
@@ -162,14 +165,33 @@ def test_bad_binding_is_refused_with_the_reason(binding: str) -> None:
         injection_patch(pod(OPTED_IN | {ANNOTATION_BINDING: binding}), SETTINGS)
 
 
-def test_hooks_config_map_is_projected_next_to_relay_yaml() -> None:
+def _mounts(result: dict[str, Any]) -> dict[str, str]:
+    """mountPath -> the name of the Pod volume (secret or configMap) mounted there, in the sidecar."""
+    volumes = {v["name"]: v for v in result["spec"]["volumes"]}
+    found = {}
+    for mount in sidecar_of(result)["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        source = volume.get("secret", {}).get("secretName") or volume.get("configMap", {}).get("name")
+        if source:
+            found[mount["mountPath"]] = source
+    return found
+
+
+def test_hooks_config_map_has_a_directory_of_its_own() -> None:
+    """A ConfigMap key relay.yaml or ca-*.pem cannot replace the operator's files: the ConfigMap is
+    mounted apart from the Secret, and the relay's --config is in the Secret's directory."""
     result = inject(pod(OPTED_IN | {ANNOTATION_HOOKS: "mail-hooks"}), SETTINGS)
-    (volume,) = [v for v in result["spec"]["volumes"] if v["name"] == VOLUME_NAME]
-    assert volume["projected"]["sources"][1] == {"configMap": {"name": "mail-hooks", "optional": True}}
+    assert _mounts(result) == {
+        "/etc/outbound-relay/config": "outbound-relay-config",
+        "/etc/outbound-relay/hooks": "mail-hooks",
+    }
+    config = sidecar_of(result)["args"][sidecar_of(result)["args"].index("--config") + 1]
+    assert config.startswith("/etc/outbound-relay/config/")
+    assert not any(v.get("projected") for v in result["spec"]["volumes"])
     # The settings give a default; the Pod's annotation wins over it.
     settings = InjectionSettings(hooks_config_map="default-hooks")
-    (volume,) = [v for v in inject(pod(OPTED_IN), settings)["spec"]["volumes"] if v["name"] == VOLUME_NAME]
-    assert volume["projected"]["sources"][1]["configMap"]["name"] == "default-hooks"
+    assert _mounts(inject(pod(OPTED_IN), settings))["/etc/outbound-relay/hooks"] == "default-hooks"
+    assert "/etc/outbound-relay/hooks" not in _mounts(inject(pod(OPTED_IN), SETTINGS))
     with pytest.raises(InjectionError, match="not a ConfigMap name"):
         injection_patch(pod(OPTED_IN | {ANNOTATION_HOOKS: "Bad_Name"}), SETTINGS)
 

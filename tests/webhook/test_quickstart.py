@@ -81,6 +81,7 @@ def _quick_start(control_plane: ControlPlane, api: client.ApiClient, namespace: 
     control_plane.kubectl("label", "namespace", namespace, "outboundrelay.io/inject=enabled")
     # kubectl apply -n mail -f docs/examples/secret.yaml -f docs/examples/policy.yaml
     secret, policy = str(EXAMPLES / "secret.yaml"), str(EXAMPLES / "policy.yaml")
+    _wait_until_checking_policies(control_plane, namespace, policy)
     control_plane.kubectl("apply", "-n", namespace, "-f", secret, "-f", policy)
 
     def rendered() -> bool:
@@ -130,6 +131,19 @@ def _webhook_as_the_chart_configures_it(
     assert settings is not None and settings.extra_ip_addresses == ("127.0.0.1",)
     settings = dataclasses.replace(settings, rotation=RotationSettings(check_interval=0.5))
     return ThreadedWebhook(settings, control_plane.api_client()).start()
+
+
+def _wait_until_checking_policies(control_plane: ControlPlane, namespace: str, policy: str) -> None:
+    """Until the API server trusts the policy check's caBundle (a test harness step: a real operator has
+    long been up by the time someone applies a policy)."""
+
+    def checked() -> bool:
+        proc = control_plane.run(
+            "kubectl", "create", "--dry-run=server", "-n", namespace, "-f", policy, check=False
+        )
+        return proc.returncode == 0
+
+    wait_for(checked, 30, "the API server calls the policy check")
 
 
 def _wait_until_injecting(control_plane: ControlPlane, namespace: str) -> None:

@@ -90,7 +90,26 @@ app.kubernetes.io/part-of: outbound-relay
 {{- toJson $excluded }}
 {{- end }}
 
-{{/* The operator's rules for the namespaces it renders; bound cluster-wide or per watched namespace. */}}
+{{/* The operator's identity as the API server sees it (RBAC subjects, the ValidatingAdmissionPolicy). */}}
+{{- define "outbound-relay.operatorUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "outbound-relay.serviceAccountName" .) }}
+{{- end }}
+
+{{/*
+The ClusterRole with the operator's rules for a namespace it renders, and the name of each RoleBinding to
+it (one per namespace: the operator's own when namespaces opt in by label, the chart's for
+operator.watchNamespaces).
+*/}}
+{{- define "outbound-relay.renderRole" -}}
+{{- include "outbound-relay.fit" (printf "%s-%s-render" (include "outbound-relay.rawFullname" .) .Release.Namespace) }}
+{{- end }}
+
+{{/* Namespaces opt in to injection and rendering with this label (value "enabled"). */}}
+{{- define "outbound-relay.optInLabel" -}}
+outboundrelay.io/inject
+{{- end }}
+
+{{/* The operator's rules for a namespace it renders; bound per namespace only, never cluster-wide. */}}
 {{- define "outbound-relay.namespacedRules" -}}
 - apiGroups: [outboundrelay.io]
   resources: [outboundauthpolicies, outboundbindinggroups]
@@ -98,7 +117,8 @@ app.kubernetes.io/part-of: outbound-relay
 - apiGroups: [outboundrelay.io]
   resources: [outboundauthpolicies/status, outboundbindinggroups/status]
   verbs: [get, patch]
-# Referenced Secrets are read; the rendered one is written. create cannot be limited by name in RBAC.
+# Referenced Secrets are read, the rendered one is written. RBAC cannot limit create by name: the
+# ValidatingAdmissionPolicy confines the operator's writes to the Opaque Secret outbound-relay-config.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch, create]
