@@ -75,6 +75,14 @@ DomainName = Annotated[
     _explained("a domain name or a '*.example.com' wildcard"),
 ]
 ObjectName = Annotated[str, Field(min_length=1, max_length=253)]
+# An https URL with a host name (no user:password@, no IPv6 literal), as the relay's tokenUrl takes it.
+TOKEN_URL_PATTERN = r"^https://[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?([/?#][!-~]*)?$"  # noqa: S105 (a pattern, not a password)
+# RFC 6749 3.3 scope-token: printable ASCII but space, '"' and '\'.
+ScopeToken = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, pattern=r"^[\x21\x23-\x5b\x5d-\x7e]+$"),
+    _explained("an OAuth2 scope (RFC 6749 3.3: printable ASCII, no space, '\"' or '\\')"),
+]
 
 
 @dataclass(frozen=True)
@@ -144,19 +152,37 @@ class PolicyScope(CrdModel):
 
 
 class OAuth2(CrdModel):
-    """XOAUTH2 only: obtain the access token from a token endpoint with a refresh token. Not supported yet
-    by the operator: a policy using it is marked Invalid and its scope deferred."""
+    """XOAUTH2 only: the relay obtains the access token from a token endpoint (RFC 6749) and refreshes it
+    before it expires: with the refresh_token grant when refreshTokenSecretRef is set, else with
+    client_credentials (docs/oauth2.md)."""
 
-    token_url: str = Field(alias="tokenURL", pattern="^https://")
-    """Token endpoint (https only)."""
+    crd_rules: ClassVar[tuple[Rule, ...]] = (
+        Rule(
+            cel="has(self.clientIdSecretRef)",
+            message="clientIdSecretRef is required: the token endpoint knows the client by its id",
+            holds=lambda s: s.client_id_secret_ref is not None,
+        ),
+        Rule(
+            cel="has(self.refreshTokenSecretRef) || has(self.clientSecretSecretRef)",
+            message="set refreshTokenSecretRef (the refresh_token grant) or clientSecretSecretRef "
+            "(the client_credentials grant needs the client secret)",
+            holds=lambda s: s.refresh_token_secret_ref is not None or s.client_secret_secret_ref is not None,
+        ),
+    )
+
+    token_url: str = Field(alias="tokenURL", max_length=2048, pattern=TOKEN_URL_PATTERN)
+    """Token endpoint (https only), e.g. https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token or
+    https://oauth2.googleapis.com/token."""
     client_id_secret_ref: SecretKeyRef | None = None
-    """The OAuth2 client id."""
+    """The OAuth2 client id (required)."""
     client_secret_secret_ref: SecretKeyRef | None = None
-    """The OAuth2 client secret."""
+    """The OAuth2 client secret; left out, a public client (refresh_token grant only)."""
     refresh_token_secret_ref: SecretKeyRef | None = None
-    """The OAuth2 refresh token."""
-    scopes: tuple[str, ...] | None = None
-    """OAuth2 scopes to request."""
+    """The OAuth2 refresh token; left out, the client_credentials grant is used."""
+    scopes: tuple[ScopeToken, ...] | None = None
+    """OAuth2 scopes to request, e.g. https://outlook.office365.com/.default or https://mail.google.com/."""
+    ca_secret_ref: SecretKeyRef | None = None
+    """PEM CA bundle to verify the token endpoint with, instead of the system's."""
 
 
 class Gateway(CrdModel):

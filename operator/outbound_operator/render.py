@@ -126,6 +126,11 @@ class PolicySource(ObjectMeta):
             return {}
         refs = {"userSecretRef": spec.user_secret_ref, "passwordSecretRef": spec.password_secret_ref}
         refs["tls.caSecretRef"] = spec.tls.ca_secret_ref if spec.tls is not None else None
+        if spec.oauth2 is not None:
+            refs["oauth2.clientIdSecretRef"] = spec.oauth2.client_id_secret_ref
+            refs["oauth2.clientSecretSecretRef"] = spec.oauth2.client_secret_secret_ref
+            refs["oauth2.refreshTokenSecretRef"] = spec.oauth2.refresh_token_secret_ref
+            refs["oauth2.caSecretRef"] = spec.oauth2.ca_secret_ref
         return {path: ref for path, ref in refs.items() if ref is not None}
 
 
@@ -282,6 +287,53 @@ def ca_key(pem: bytes) -> str:
     return f"ca-{hashlib.sha256(pem).hexdigest()[:16]}.pem"
 
 
+def _text_of(
+    namespace: str,
+    ref: SecretKeyRef,
+    secrets: Mapping[str, Mapping[str, bytes]],
+    problems: list[Problem],
+) -> str | None:
+    """The text of a Secret key (see `_text`), or None with the reason added to `problems`."""
+    raw, missing = _secret_value(namespace, ref, secrets)
+    if missing is not None:
+        problems.append(missing)
+        return None
+    assert raw is not None
+    text, bad = _text(namespace, ref, raw)
+    if bad is not None:
+        problems.append(bad)
+    return text
+
+
+def _add_ca(
+    namespace: str,
+    ref: SecretKeyRef | None,
+    secrets: Mapping[str, Mapping[str, bytes]],
+    block: dict[str, Any],
+    files: dict[str, bytes],
+    problems: list[Problem],
+) -> None:
+    """A CA bundle from a Secret: a file of the rendered Secret, named in `block` as `caFile` relative to
+    relay.yaml (the relay reads it from the same mounted directory)."""
+    if ref is None:
+        return
+    raw, missing = _secret_value(namespace, ref, secrets)
+    if missing is not None:
+        problems.append(missing)
+    elif raw is None or PEM_CERTIFICATE not in raw:
+        problems.append(
+            Problem(
+                type=ConditionType.INVALID,
+                reason="InvalidSecretValue",
+                message=f"Secret {namespace}/{ref.name} key {ref.key!r} holds no PEM certificate",
+            )
+        )
+    else:
+        key = ca_key(raw)
+        files[key] = raw
+        block["caFile"] = key
+
+
 @dataclass
 class _PolicyOutcome:
     entry: dict[str, Any] | None = None  # the relay.yaml policy, if rendered
@@ -312,49 +364,34 @@ def _settings(
         settings["user"] = spec.user
     for path, setting in (("userSecretRef", "user"), ("passwordSecretRef", "password")):
         if path in refs:
-            raw, missing = _secret_value(namespace, refs[path], secrets)
-            if missing is not None:
-                problems.append(missing)
-                continue
-            assert raw is not None
-            text, bad = _text(namespace, refs[path], raw)
-            if bad is not None:
-                problems.append(bad)
-            else:
+            text = _text_of(namespace, refs[path], secrets, problems)
+            if text is not None:
                 settings[setting] = text
     if spec.gateway is not None:
         settings["gateway"] = {"host": spec.gateway.host, "port": spec.gateway.port}
     if spec.tls is not None:
         rendered_tls: dict[str, Any] = {"mode": spec.tls.mode.value, "verify": spec.tls.verify}
-        if "tls.caSecretRef" in refs:
-            ref = refs["tls.caSecretRef"]
-            raw, missing = _secret_value(namespace, ref, secrets)
-            if missing is not None:
-                problems.append(missing)
-            elif raw is None or PEM_CERTIFICATE not in raw:
-                problems.append(
-                    Problem(
-                        type=ConditionType.INVALID,
-                        reason="InvalidSecretValue",
-                        message=f"Secret {namespace}/{ref.name} key {ref.key!r} holds no PEM certificate",
-                    )
-                )
-            else:
-                key = ca_key(raw)
-                files[key] = raw
-                rendered_tls["caFile"] = key
+        _add_ca(namespace, refs.get("tls.caSecretRef"), secrets, rendered_tls, files, problems)
         settings["tls"] = rendered_tls
     if spec.max_connections is not None:
         settings["maxConnections"] = spec.max_connections
     if spec.oauth2 is not None:
-        problems.append(
-            Problem(
-                type=ConditionType.INVALID,
-                reason="OAuth2NotSupported",
-                message="oauth2 (fetching tokens with a refresh token) is not supported by this operator "
-                "version; put the access token in passwordSecretRef instead",
-            )
-        )
+        # The relay's oauth2 block, the client id, secret and refresh token inline as the password is:
+        # the rendered Secret is as confidential as the Secrets they come from.
+        oauth2: dict[str, Any] = {"tokenUrl": spec.oauth2.token_url}
+        for path, setting in (
+            ("oauth2.clientIdSecretRef", "clientId"),
+            ("oauth2.clientSecretSecretRef", "clientSecret"),
+            ("oauth2.refreshTokenSecretRef", "refreshToken"),
+        ):
+            if path in refs:
+                text = _text_of(namespace, refs[path], secrets, problems)
+                if text is not None:
+                    oauth2[setting] = text
+        if spec.oauth2.scopes is not None:
+            oauth2["scopes"] = list(spec.oauth2.scopes)
+        _add_ca(namespace, refs.get("oauth2.caSecretRef"), secrets, oauth2, files, problems)
+        settings["oauth2"] = oauth2
     return settings, files, problems
 
 

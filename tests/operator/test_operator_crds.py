@@ -36,6 +36,10 @@ def rejection(objects: Objects, spec: dict[str, Any]) -> str:
     return message
 
 
+REF = {"name": "s", "key": "k"}
+OAUTH2 = {"tokenURL": "https://login.example/token", "clientIdSecretRef": REF, "refreshTokenSecretRef": REF}
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -59,6 +63,22 @@ def rejection(objects: Objects, spec: dict[str, Any]) -> str:
             "set passwordSecretRef (a password",
         ),
         ({"passwordSecretRef": {"name": "s"}}, "spec.passwordSecretRef.key: Required value"),
+        (
+            {"type": "XOAUTH2", "passwordSecretRef": None, "oauth2": {"tokenURL": "https://t.example/"}},
+            "clientIdSecretRef is required",
+        ),
+        (
+            {
+                "type": "XOAUTH2",
+                "passwordSecretRef": None,
+                "oauth2": {**OAUTH2, "tokenURL": "https://u:p@t/"},
+            },
+            "spec.oauth2.tokenURL: Invalid value",
+        ),
+        (
+            {"type": "XOAUTH2", "passwordSecretRef": None, "oauth2": {**OAUTH2, "scopes": ["a b"]}},
+            "spec.oauth2.scopes[0]: Invalid value",
+        ),
     ],
     ids=[
         "bad-type",
@@ -72,6 +92,9 @@ def rejection(objects: Objects, spec: dict[str, Any]) -> str:
         "bad-tls-mode",
         "password-and-oauth2",
         "ref-without-key",
+        "oauth2-without-client-id",
+        "token-url-with-credentials",
+        "scope-with-a-space",
     ],
 )
 def test_invalid_policy_is_rejected(objects: Objects, change: dict[str, Any], expected: str) -> None:
@@ -102,7 +125,9 @@ def test_valid_policy_is_admitted_with_defaults(objects: Objects) -> None:
             "userSecretRef": {"name": "bird", "key": "user"},
             "oauth2": {
                 "tokenURL": "https://login.example/token",
+                "clientIdSecretRef": {"name": "bird", "key": "client-id"},
                 "refreshTokenSecretRef": {"name": "bird", "key": "refresh"},
+                "caSecretRef": {"name": "ca", "key": "ca.crt"},
                 "scopes": ["https://outlook.office.com/SMTP.Send"],
             },
             "gateway": {"host": "smtp.office365.com", "port": 587},
@@ -160,10 +185,6 @@ def dry_run(objects: Objects, plural: str, kind: str, spec: dict[str, Any]) -> s
     return None
 
 
-REF = {"name": "s", "key": "k"}
-OAUTH2 = {"tokenURL": "https://login.example/token"}
-
-
 SCOPES = [{}, {"binding": "b"}, {"bindingGroup": "g"}, {"binding": "b", "bindingGroup": "g"}]
 
 
@@ -193,6 +214,28 @@ def test_cel_rules_and_the_models_rules_agree(objects: Objects, scope: dict[str,
     # Per scope: without oauth2, 3 user choices (none, user, userSecretRef) x 2 x 4 types; with oauth2, the
     # 3 user choices with type XOAUTH2 and no passwordSecretRef.
     assert admitted == (0 if "binding" in scope and "bindingGroup" in scope else 3 * 2 * 4 + 3)
+
+
+def test_oauth2_rules_and_the_models_rules_agree(objects: Objects) -> None:
+    """Every combination of the oauth2 references the rules name: admitted by the API server exactly
+    when the model admits it (a client id, and a refresh token or a client secret)."""
+    fields = {"clientIdSecretRef": REF, "clientSecretSecretRef": REF, "refreshTokenSecretRef": REF}
+    admitted = 0
+    for present in itertools.product([False, True], repeat=len(fields)):
+        oauth2: dict[str, Any] = {"tokenURL": "https://login.example/token"}
+        oauth2 |= {key: value for (key, value), on in zip(fields.items(), present, strict=True) if on}
+        spec = {"type": "XOAUTH2", "oauth2": oauth2}
+        refused = dry_run(objects, POLICY_PLURAL, POLICY_KIND, spec)
+        parsed = parse_policy_spec(spec)
+        if refused is None:
+            admitted += 1
+            assert not isinstance(parsed, InvalidSpec), (spec, parsed)
+        else:
+            assert isinstance(parsed, InvalidSpec), (spec, refused)
+            for error in parsed.errors:
+                for message in error.split(": ", 1)[1].split("; "):
+                    assert message in refused, (spec, message, refused)
+    assert admitted == 3  # client id with a secret, a refresh token, or both
 
 
 @pytest.mark.parametrize(

@@ -136,8 +136,11 @@ def test_binding_groups(objects: Objects, start_operator: StartOperator) -> None
     assert sorted(objects.rendered_policies()) == [f"{ns}/marketing", f"{ns}/promo"]
 
 
-def test_oauth2_policy_is_invalid_and_suspended(objects: Objects, start_operator: StartOperator) -> None:
-    objects.put_secret("bird", {"token": "t0ken", "refresh": "r3fresh"})
+def test_oauth2_is_rendered_and_rotation_re_renders(objects: Objects, start_operator: StartOperator) -> None:
+    ns = objects.namespace
+    objects.put_secret(
+        "bird", {"client-id": "relay", "client-secret": "Cl1ent-s3cret", "refresh": "R3fresh-1"}
+    )
     objects.apply_policy(
         "bird",
         {
@@ -146,15 +149,39 @@ def test_oauth2_policy_is_invalid_and_suspended(objects: Objects, start_operator
             "user": "test@contoso.onmicrosoft.com",
             "oauth2": {
                 "tokenURL": "https://login.example/token",
+                "clientIdSecretRef": {"name": "bird", "key": "client-id"},
+                "clientSecretSecretRef": {"name": "bird", "key": "client-secret"},
                 "refreshTokenSecretRef": {"name": "bird", "key": "refresh"},
+                "scopes": ["https://outlook.office365.com/SMTP.Send", "offline_access"],
             },
         },
     )
-    start_operator()
-    invalid = objects.wait_condition("bird", "Invalid", "True")
-    assert invalid["reason"] == "OAuth2NotSupported"
-    rendered = objects.rendered_policies()[f"{objects.namespace}/bird"]
-    assert "suspended" in rendered and "password" not in rendered
+    operator = start_operator()
+    objects.wait_condition("bird", "Ready", "True")
+    assert objects.rendered_policies()[f"{ns}/bird"]["oauth2"] == {
+        "tokenUrl": "https://login.example/token",
+        "clientId": "relay",
+        "clientSecret": "Cl1ent-s3cret",
+        "refreshToken": "R3fresh-1",
+        "scopes": ["https://outlook.office365.com/SMTP.Send", "offline_access"],
+    }
+
+    # The provider rotates the refresh token and the client secret; the Secret follows, the config too.
+    objects.put_secret(
+        "bird", {"client-id": "relay", "client-secret": "Cl1ent-s3cret2", "refresh": "R3fresh-2"}
+    )
+    wait_for(lambda: objects.rendered_policies()[f"{ns}/bird"]["oauth2"].get("refreshToken") == "R3fresh-2")
+    assert objects.rendered_policies()[f"{ns}/bird"]["oauth2"]["clientSecret"] == "Cl1ent-s3cret2"
+
+    # A key that goes away: suspended, the old value not kept.
+    objects.put_secret("bird", {"client-id": "relay", "client-secret": "Cl1ent-s3cret2"})
+    missing = objects.wait_condition("bird", "SecretMissing", "True")
+    assert missing["message"] == f"Secret {ns}/bird has no key 'refresh'"
+    wait_for(lambda: "suspended" in objects.rendered_policies()[f"{ns}/bird"])
+    assert "oauth2" not in objects.rendered_policies()[f"{ns}/bird"]
+    values = ("Cl1ent-s3cret", "R3fresh-1", "R3fresh-2")
+    assert_no_secret_in(str(objects.policy("bird")["status"]) + str(objects.events("bird")), *values)
+    assert_no_secret_in(operator.logs() + operator.metrics(), *values)
 
 
 def test_restart_converges_byte_for_byte(objects: Objects, start_operator: StartOperator) -> None:

@@ -217,15 +217,96 @@ def test_secret_value_that_is_not_text_is_invalid() -> None:
     assert "suspended" in by_name(rendering.data)["mail/p"]
 
 
-def test_oauth2_is_not_supported_yet_and_says_so() -> None:
-    p = policy(
-        "bird", type="XOAUTH2", oauth2={"tokenURL": "https://login.example/token"}, passwordSecretRef=None
-    )
-    rendering = render_namespace(NS, [p], [], secrets_for(p))
-    status, reason, message = cond(rendering.policies["bird"], ConditionType.INVALID)
-    assert (status, reason) == (True, "OAuth2NotSupported")
-    assert "not supported" in message
-    assert "password" not in by_name(rendering.data)["mail/bird"]
+OAUTH2_SECRET = {
+    "client-id": b"relay-client\n",
+    "client-secret": b"cs-s3cret",
+    "refresh-token": b"rt-s3cret\n",
+}
+
+
+def oauth2_policy(**oauth2: Any) -> PolicySource:
+    block = {
+        "tokenURL": "https://login.example/tenant/oauth2/v2.0/token",
+        "clientIdSecretRef": {"name": "bird-oauth2", "key": "client-id"},
+        "clientSecretSecretRef": {"name": "bird-oauth2", "key": "client-secret"},
+        "refreshTokenSecretRef": {"name": "bird-oauth2", "key": "refresh-token"},
+        "scopes": ["https://outlook.office365.com/SMTP.Send", "offline_access"],
+        **oauth2,
+    }
+    block = {key: value for key, value in block.items() if value is not None}
+    return policy("bird", type="XOAUTH2", user="bird@contoso.example", oauth2=block, passwordSecretRef=None)
+
+
+def test_oauth2_is_rendered_with_its_secrets_and_the_relay_reads_it(tmp_path: Path) -> None:
+    tls: TLSFiles = make_tls_files(tmp_path / "tls")
+    p = oauth2_policy(caSecretRef={"name": "idp-ca", "key": "ca.crt"})
+    secrets = {"bird-oauth2": OAUTH2_SECRET, "idp-ca": {"ca.crt": tls.ca_file.read_bytes()}}
+    rendering = render_namespace(NS, [p], [], secrets)
+    assert rendering.policies["bird"].ready.status, rendering.policies["bird"]
+    key = ca_key(tls.ca_file.read_bytes())
+    assert sorted(rendering.data) == [key, "relay.yaml"]
+    assert by_name(rendering.data)["mail/bird"]["oauth2"] == {
+        "tokenUrl": "https://login.example/tenant/oauth2/v2.0/token",
+        "clientId": "relay-client",
+        "clientSecret": "cs-s3cret",
+        "refreshToken": "rt-s3cret",
+        "scopes": ["https://outlook.office365.com/SMTP.Send", "offline_access"],
+        "caFile": key,
+    }
+    assert sorted(p.secret_refs()) == [
+        "oauth2.caSecretRef",
+        "oauth2.clientIdSecretRef",
+        "oauth2.clientSecretSecretRef",
+        "oauth2.refreshTokenSecretRef",
+    ]
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    for name, value in rendering.data.items():
+        (mount / name).write_bytes(value)
+    settings = load_config(mount / "relay.yaml").policy("mail/bird").oauth2
+    assert settings is not None
+    assert settings.grant == "refresh_token"
+    assert settings.client_id == "relay-client"
+    assert settings.client_secret is not None and settings.client_secret.get_secret_value() == "cs-s3cret"
+    assert settings.refresh_token is not None and settings.refresh_token.get_secret_value() == "rt-s3cret"
+    assert settings.ca_file == mount / key
+
+
+def test_oauth2_client_credentials_renders_without_a_refresh_token() -> None:
+    p = oauth2_policy(refreshTokenSecretRef=None, scopes=None)
+    rendering = render_namespace(NS, [p], [], {"bird-oauth2": OAUTH2_SECRET})
+    rendered = by_name(rendering.data)["mail/bird"]["oauth2"]
+    assert sorted(rendered) == ["clientId", "clientSecret", "tokenUrl"]
+    oauth2 = load_config_text(rendering.data["relay.yaml"]).policy("mail/bird").oauth2
+    assert oauth2 is not None and oauth2.grant == "client_credentials"
+
+
+@pytest.mark.parametrize(
+    ("secrets", "reason"),
+    [
+        ({}, "SecretNotFound"),
+        (
+            {"bird-oauth2": {k: v for k, v in OAUTH2_SECRET.items() if k != "refresh-token"}},
+            "SecretKeyNotFound",
+        ),
+        ({"bird-oauth2": {**OAUTH2_SECRET, "client-secret": b""}}, "InvalidSecretValue"),
+    ],
+    ids=["secret-missing", "key-missing", "empty-value"],
+)
+def test_oauth2_without_its_secret_is_suspended(secrets: dict[str, dict[str, bytes]], reason: str) -> None:
+    rendering = render_namespace(NS, [oauth2_policy()], [], secrets)
+    ready = rendering.policies["bird"].ready
+    assert (ready.status, ready.reason) == (False, reason)
+    entry = by_name(rendering.data)["mail/bird"]
+    assert "suspended" in entry and "oauth2" not in entry
+    assert "s3cret" not in rendering.data["relay.yaml"].decode()
+
+
+def test_oauth2_ca_without_a_certificate_is_invalid() -> None:
+    p = oauth2_policy(caSecretRef={"name": "idp-ca", "key": "ca.crt"})
+    rendering = render_namespace(NS, [p], [], {"bird-oauth2": OAUTH2_SECRET, "idp-ca": {"ca.crt": b"hello"}})
+    assert cond(rendering.policies["bird"], ConditionType.INVALID)[:2] == (True, "InvalidSecretValue")
+    assert sorted(rendering.data) == ["relay.yaml"]
 
 
 def test_binding_groups_and_their_conflicts() -> None:
@@ -351,6 +432,15 @@ def test_verdicts_never_carry_secret_values(secret: str) -> None:
     assert secret not in text
 
 
+@pytest.mark.parametrize("secret", ["cs-s3cret", "rt-s3cret", "relay-client"])
+@pytest.mark.parametrize("broken", [None, "client-secret", "refresh-token"])
+def test_verdicts_never_carry_oauth2_secret_values(secret: str, broken: str | None) -> None:
+    """Rendered or suspended (another key missing), no OAuth2 value reaches a verdict (status, Events)."""
+    values = {k: v for k, v in OAUTH2_SECRET.items() if k != broken}
+    rendering = render_namespace(NS, [oauth2_policy()], [], {"bird-oauth2": values})
+    assert secret not in repr(rendering.policies) + repr(rendering.groups)
+
+
 def test_status_keeps_transition_time_and_patches_only_changes() -> None:
     p = policy("p")
     ready = render_namespace(NS, [p], [], secrets_for(p)).policies["p"]
@@ -430,7 +520,13 @@ def _within_the_rules(spec: dict[str, Any], keep_first: bool) -> dict[str, Any]:
     """The spec with one of each pair the CEL rules forbid together left out (the rules themselves are
     checked against the API server in tests/operator/test_operator_crds.py)."""
     spec = copy.deepcopy(spec)
-    spec.pop("oauth2", None)  # not supported yet: never rendered with its settings
+    oauth2 = spec.get("oauth2")
+    if oauth2 is not None:  # the oauth2 rules: only with XOAUTH2, not with a password, a client id
+        spec["type"] = "XOAUTH2"
+        spec.pop("passwordSecretRef", None)
+        oauth2.setdefault("clientIdSecretRef", {"name": "oauth2", "key": "client-id"})
+        if "refreshTokenSecretRef" not in oauth2:
+            oauth2.setdefault("clientSecretSecretRef", {"name": "oauth2", "key": "client-secret"})
     pairs = [(spec, "user", "userSecretRef"), (spec.get("scope") or {}, "binding", "bindingGroup")]
     for owner, a, b in pairs:
         if a in owner and b in owner:
@@ -462,10 +558,15 @@ def test_every_spec_the_crd_admits_renders_and_the_relay_reads_it_back(
     pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
     secrets: dict[str, dict[str, bytes]] = {}
     # Two references may name the same Secret key: then both read the value written last.
+    oauth2 = spec.get("oauth2") or {}
     for ref, value in (
         (spec.get("userSecretRef"), user.encode()),
         (spec.get("passwordSecretRef"), password.encode()),
+        (oauth2.get("clientIdSecretRef"), user.encode()),
+        (oauth2.get("clientSecretSecretRef"), password.encode()),
+        (oauth2.get("refreshTokenSecretRef"), password.encode()),
         ((spec.get("tls") or {}).get("caSecretRef"), pem),
+        (oauth2.get("caSecretRef"), pem),
     ):
         if ref is not None:
             secrets.setdefault(ref["name"], {})[ref["key"]] = value
@@ -500,3 +601,9 @@ def test_every_spec_the_crd_admits_renders_and_the_relay_reads_it_back(
         assert policy.tls.mode == spec["tls"].get("mode", "starttls")
         assert policy.tls.verify == spec["tls"].get("verify", True)
     assert policy.max_connections == spec.get("maxConnections")
+    if oauth2:
+        assert policy.oauth2 is not None
+        assert policy.oauth2.token_url == oauth2["tokenURL"]
+        assert policy.oauth2.scopes == tuple(oauth2.get("scopes", ()))
+        ref = oauth2["clientIdSecretRef"]
+        assert policy.oauth2.client_id == _read_back(secrets[ref["name"]][ref["key"]])
