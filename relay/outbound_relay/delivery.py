@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 _INTERNAL_ERROR = Reply.of(451, "4.3.0", "Internal error in the relay; try again later")
 
 
+def _needs_smtputf8(address: str, envelope: Envelope) -> str | None:
+    """RFC 6531 3.5: a non-ASCII address is only allowed after SMTPUTF8 on MAIL; refused at once (553
+    5.6.7), since it cannot be sent upstream and would fail the same way on every retry."""
+    if address.isascii() or envelope.smtp_utf8:
+        return None
+    return (
+        "553 5.6.7 Non-ASCII address needs SMTPUTF8 on MAIL FROM (RFC 6531); give it, or use an ASCII address"
+    )
+
+
 class RelayHandler:
     """aiosmtpd handler; `generation` is swapped by the reloader, transactions pin theirs at MAIL.
 
@@ -54,6 +64,8 @@ class RelayHandler:
     ) -> str:
         if self.closing:
             return "421 4.3.2 The relay is shutting down; try again"
+        if refusal := _needs_smtputf8(address, envelope):
+            return refusal
         self._pinned[envelope] = self.generation
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -65,6 +77,8 @@ class RelayHandler:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
             return "553 5.1.3 Recipient address must be local@domain"
+        if refusal := _needs_smtputf8(address, envelope):
+            return refusal
         scopes = self._generation_of(envelope).scopes
         if envelope.rcpt_tos:
             first_domain = envelope.rcpt_tos[0].rpartition("@")[2]
