@@ -53,6 +53,8 @@ class RelayHandler:
         self.pool = pool
         self.metrics = metrics
         self._pinned: weakref.WeakKeyDictionary[Envelope, Generation] = weakref.WeakKeyDictionary()
+        # The binding the app named as its AUTH user (listen.clientAuth: binding), per transaction.
+        self._auth_binding: weakref.WeakKeyDictionary[Envelope, str] = weakref.WeakKeyDictionary()
         self._counted = {result: metrics.messages.labels(result=result.value) for result in MessageResult}
         self.closing = False  # set on SIGTERM: no new transactions
 
@@ -67,6 +69,9 @@ class RelayHandler:
         if refusal := _needs_smtputf8(address, envelope):
             return refusal
         self._pinned[envelope] = self.generation
+        auth_data: object = session.auth_data  # a str only in binding mode (server.client_authenticator)
+        if isinstance(auth_data, str):
+            self._auth_binding[envelope] = auth_data
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -125,7 +130,8 @@ class RelayHandler:
     async def _route(self, generation: Generation, envelope: Envelope, content: bytes) -> tuple[Route, bytes]:
         config = generation.config
         content, header_binding = pop_header(content, config.binding_header)
-        binding = header_binding or config.default_binding
+        # The header names the binding of one message, the AUTH user that of the session's messages.
+        binding = header_binding or self._auth_binding.get(envelope) or config.default_binding
         domain = envelope.rcpt_tos[0].rpartition("@")[2]
         overrides: dict[str, str] = {}
         if generation.hooks:
