@@ -56,6 +56,7 @@ NOT_APPLICABLE = {
     ("msmtp", "plain-pipelining"): "msmtp pipelines by itself when offered: the same as plain",
     ("go-net-smtp", "plain-pipelining"): "net/smtp never pipelines",
     ("nodemailer", "plain-pipelining"): "nodemailer has no pipelining switch",
+    ("jakarta-mail", "plain-pipelining"): "Jakarta Mail never pipelines",
 }
 
 

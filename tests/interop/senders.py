@@ -4,7 +4,8 @@ reported success, with its own output.
 
 Installed by the project itself, cached under ~/.cache/outbound-relay/interop/ (keyed by the source's
 digest): swaks and msmtp come from Debian (hack/setup), smtplib with Python, Go's net/smtp is built from
-tests/interop/main.go with the machine's Go, nodemailer is `npm install`ed from tests/interop/package.json.
+tests/interop/main.go with the machine's Go, nodemailer is `npm install`ed from tests/interop/package.json,
+Jakarta Mail is fetched with Maven and tests/interop/Send.java compiled with the machine's JDK.
 """
 
 from __future__ import annotations
@@ -96,6 +97,36 @@ def nodemailer(send: Send) -> Result:
     return _run([*argv, str(send.file), *send.rcpts], env=env)
 
 
+def jakarta_mail(send: Send) -> Result:
+    classes = _cached_build(*_JAVA)
+    classpath = (classes / "classpath").read_text().strip() + os.pathsep + str(classes)
+    argv = ["java", "-cp", classpath, "Send", str(send.port), send.mail_from, send.user or "", send.password]
+    return _run([*argv, str(send.file), *send.rcpts])
+
+
+def _build_java(sources: list[Path], out: Path) -> Path:
+    """Jakarta Mail from Maven Central into a private local repository, then Send.java compiled."""
+    out.mkdir(parents=True)
+    repo = CACHE / "m2"
+    mvn = ["mvn", "-q", "-B", f"-Dmaven.repo.local={repo}"]
+    subprocess.run([*mvn, "dependency:get", f"-Dartifact={ANGUS_MAIL}"], cwd=out, check=True, timeout=600)
+    # dependency:get fetches the jars; build-classpath needs a project, so list the jars ourselves.
+    jars = [str(path) for path in sorted(repo.rglob("*.jar")) if _is_mail_jar(path)]
+    (out / "classpath").write_text(os.pathsep.join(jars))
+    javac = ["javac", "-d", str(out), "-cp", os.pathsep.join(jars), str(HERE / "Send.java")]
+    subprocess.run(javac, check=True, timeout=300)
+    return out
+
+
+def _is_mail_jar(path: Path) -> bool:
+    return path.parent.parent.name in {
+        "angus-mail",
+        "angus-activation",
+        "jakarta.mail-api",
+        "jakarta.activation-api",
+    }
+
+
 def _build_go(sources: list[Path], out: Path) -> Path:
     out.mkdir(parents=True)
     binary = out / "gosend"
@@ -134,6 +165,8 @@ def _cached_build(name: str, sources: list[Path], build: Callable[[list[Path], P
 
 _GO = ("gosend", [HERE / "main.go", HERE / "go.mod"], _build_go)
 _NODE = ("node", [HERE / "package.json"], _npm_install)
+ANGUS_MAIL = "org.eclipse.angus:angus-mail:2.0.3"  # Jakarta Mail 2.1, as Spring Boot 3 and 4 use
+_JAVA = ("java", [HERE / "Send.java"], _build_java)
 
 SENDERS: dict[str, tuple[Callable[[Send], Result], str]] = {
     # name: (sender, the program it needs on PATH)
@@ -142,13 +175,17 @@ SENDERS: dict[str, tuple[Callable[[Send], Result], str]] = {
     "python-smtplib": (python_smtplib, sys.executable),
     "go-net-smtp": (go_net_smtp, "go"),
     "nodemailer": (nodemailer, "node"),
+    "jakarta-mail": (jakarta_mail, "mvn"),
 }
 
 
 def build_all() -> None:
-    """Install the senders that are built, not packaged (hack/setup runs this)."""
-    _cached_build(*_GO)
-    _cached_build(*_NODE)
+    """Install the senders that are built, not packaged, whose toolchain the machine has (hack/setup)."""
+    for tool, build in (("go", _GO), ("npm", _NODE), ("mvn", _JAVA)):
+        if shutil.which(tool) is None:
+            print(f"setup: {tool} is missing: the interop matrix will skip {build[0]}", file=sys.stderr)
+        else:
+            _cached_build(*build)
 
 
 if __name__ == "__main__":
