@@ -190,3 +190,22 @@ def test_serve_rejects_an_empty_default_binding(
         main(["serve", "--config", str(config_path), "--default-binding", " "])
     assert exited.value.code == 2
     assert "a binding name must not be empty" in capsys.readouterr().err
+
+
+def test_serve_client_auth_flag_names_the_modes(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(config_path, {})
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(config_path), "--client-auth", "open"])
+    assert exited.value.code == 2
+    assert "'accept', 'binding', 'none'" in capsys.readouterr().err
+
+
+def test_serve_refuses_listen_tls_files_that_are_no_certificate(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (config_path.parent / "bad.pem").write_text("not PEM\n")
+    write_config(config_path, {"listen": {"port": 0, "tls": {"certFile": "bad.pem", "keyFile": "bad.pem"}}})
+    assert main(["serve", "--config", str(config_path)]) == 2
+    assert "listen.tls: certificate" in capsys.readouterr().err
