@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, AnyStr
 
@@ -44,7 +45,7 @@ class _QuietLoginData(logging.Filter):
 logging.getLogger("mail.log").addFilter(_QuietLoginData())
 
 
-def client_authenticator(mode: ClientAuth) -> Any:
+def client_authenticator(mode: ClientAuth) -> Callable[[SMTP, Session, Envelope, str, Any], AuthResult]:
     """The listener's AUTH check. Any credentials are accepted: the listener is on loopback, where any
     process of the Pod can already send without them, so a password would guard nothing; it is never
     kept, forwarded or logged. In `binding` mode the session keeps the user as the message's binding
@@ -149,7 +150,7 @@ class RelayServer:
             )
 
     def _new_session(self) -> SMTP:
-        session = _TrackedSMTP(
+        session = (_NoAuthSMTP if self._client_auth is ClientAuth.NONE else _TrackedSMTP)(
             self.handler,
             hostname=socket.gethostname(),
             ident="outbound-relay",
@@ -160,8 +161,7 @@ class RelayServer:
             tls_context=self._tls_context,
             require_starttls=False,
             **(
-                # No mechanism left, and no AUTH line before TLS (after it, _TrackedSMTP.push drops
-                # the empty one aiosmtpd would write).
+                # No mechanism left, and no AUTH line before TLS (nor after it: _NoAuthSMTP).
                 {"auth_require_tls": True, "auth_exclude_mechanism": ["LOGIN", "PLAIN"]}
                 if self._client_auth is ClientAuth.NONE
                 else {"authenticator": self._authenticator, "auth_require_tls": False}
@@ -276,11 +276,6 @@ class _TrackedSMTP(SMTP):
         super().__init__(*args, **kwargs)
         self._close_on = close_on
 
-    async def push(self, status: AnyStr) -> None:
-        if status == "250-AUTH ":  # no mechanism: listen.clientAuth is none
-            return
-        await super().push(status)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._close_on.discard(self)
         super().connection_lost(exc)
@@ -293,3 +288,12 @@ class _TrackedSMTP(SMTP):
             address: tuple[str | None, str | None] = super()._getaddr(arg)
             return address
         return match[1], match[2] or ""
+
+
+class _NoAuthSMTP(_TrackedSMTP):
+    """A session of `listen.clientAuth: none`: with every mechanism excluded, aiosmtpd still writes an
+    empty "250-AUTH " line after STARTTLS; it is left out (a subclass, so other sessions pay nothing)."""
+
+    async def push(self, status: AnyStr) -> None:
+        if status != "250-AUTH ":
+            await super().push(status)

@@ -76,3 +76,21 @@ def test_listen_tls_files_must_exist_and_be_a_certificate(tls: TLSFiles, config_
     write_config(config_path, {"listen": {"port": 0, "tls": files}})
     with pytest.raises(ConfigError, match=r"listen\.tls: certificate .*garbage\.pem"):
         RelayServer(Generation.load(config_path))
+
+
+def _auth_offered_after_starttls(port: int, context: ssl.SSLContext) -> bool:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.starttls(context=context)
+        client.ehlo()
+        return client.has_extn("auth")
+
+
+@pytest.mark.parametrize(("client_auth", "offered"), [("accept", True), ("none", False)])
+async def test_client_auth_none_offers_no_auth_after_starttls_either(
+    tls: TLSFiles, config_path: Path, client_auth: str, offered: bool
+) -> None:
+    files = {"certFile": str(tls.cert_file), "keyFile": str(tls.key_file)}
+    write_config(config_path, {"listen": {"port": 0, "clientAuth": client_auth, "tls": files}})
+    async with running_relay(config_path) as relay:
+        got = await asyncio.to_thread(_auth_offered_after_starttls, relay.port, tls.client_context())
+    assert got is offered
