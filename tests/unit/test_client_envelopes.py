@@ -7,6 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aiosmtpd.smtp import Envelope
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from outbound_relay.delivery import _needs_smtputf8
+from outbound_relay.session import _path
 from tests.peers.certs import TLSFiles
 from tests.support.relay import catch_all_policy, running_relay, write_config
 from tests.support.swaks import swaks
@@ -36,3 +42,24 @@ async def test_non_ascii_sender_without_smtputf8_is_refused_at_mail(tls: TLSFile
     assert code == 553, run.transcript
     assert text.startswith("5.6.7 "), run.transcript
     assert up.received == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    local=st.text(st.characters(codec="utf-8"), min_size=1, max_size=20),
+    domain=st.text(st.characters(codec="utf-8"), min_size=1, max_size=20),
+    smtp_utf8=st.booleans(),
+)
+def test_an_address_accepted_at_rcpt_can_always_be_sent_upstream(
+    local: str, domain: str, smtp_utf8: bool
+) -> None:
+    """Whatever passes the RCPT checks must encode for the upstream's MAIL/RCPT: a failure there would
+    come at DATA, after 250 to RCPT, and would repeat on every retry."""
+    address = f"{local}@{domain}"
+    envelope = Envelope()
+    envelope.smtp_utf8 = smtp_utf8
+    if _needs_smtputf8(address, envelope) is not None:
+        assert not smtp_utf8 and not address.isascii()
+        return
+    encoded = _path(address, smtp_utf8)
+    assert encoded.startswith(b"<") and encoded.endswith(b">")
