@@ -9,6 +9,7 @@ the client sends it in a new transaction (RFC 5321 4.5.3.1.10).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import weakref
 
@@ -22,7 +23,7 @@ from outbound_relay.metrics import MessageResult, RelayMetrics
 from outbound_relay.pool import UpstreamPool
 from outbound_relay.reply import Reply
 from outbound_relay.scopes import Route
-from outbound_relay.session import StaleSession, Transaction
+from outbound_relay.session import StaleSession, Transaction, envelope_path
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,26 @@ log = logging.getLogger(__name__)
 _INTERNAL_ERROR = Reply.of(451, "4.3.0", "Internal error in the relay; try again later")
 
 
-def _needs_smtputf8(address: str, envelope: Envelope) -> str | None:
-    """RFC 6531 3.5: a non-ASCII address is only allowed after SMTPUTF8 on MAIL; refused at once (553
-    5.6.7), since it cannot be sent upstream and would fail the same way on every retry."""
-    if address.isascii() or envelope.smtp_utf8:
-        return None
-    return (
-        "553 5.6.7 Non-ASCII address needs SMTPUTF8 on MAIL FROM (RFC 6531); give it, or use an ASCII address"
-    )
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # would end or garble the command line upstream
+_UNSENDABLE = "553 5.1.3 Address has characters that cannot be sent in an SMTP command"
+
+
+def _unsendable(address: str, envelope: Envelope) -> str | None:
+    """The refusal of an address that cannot be sent upstream, at the client's MAIL or RCPT: later, at
+    DATA, it would fail the same way on every retry. RFC 6531 3.5: a non-ASCII address is only allowed
+    after SMTPUTF8 on MAIL (553 5.6.7)."""
+    if not (address.isascii() or envelope.smtp_utf8):
+        return (
+            "553 5.6.7 Non-ASCII address needs SMTPUTF8 on MAIL FROM (RFC 6531); "
+            "give it, or use an ASCII address"
+        )
+    if _CONTROL.search(address):
+        return _UNSENDABLE
+    try:
+        envelope_path(address, bool(envelope.smtp_utf8))
+    except ValueError:  # aiosmtplib's check of what would end the command line
+        return _UNSENDABLE
+    return None
 
 
 class RelayHandler:
@@ -66,7 +79,7 @@ class RelayHandler:
     ) -> str:
         if self.closing:
             return "421 4.3.2 The relay is shutting down; try again"
-        if refusal := _needs_smtputf8(address, envelope):
+        if refusal := _unsendable(address, envelope):
             return refusal
         self._pinned[envelope] = self.generation
         auth_data: object = session.auth_data  # a str only in binding mode (server.client_authenticator)
@@ -82,7 +95,7 @@ class RelayHandler:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
             return "553 5.1.3 Recipient address must be local@domain"
-        if refusal := _needs_smtputf8(address, envelope):
+        if refusal := _unsendable(address, envelope):
             return refusal
         scopes = self._generation_of(envelope).scopes
         if envelope.rcpt_tos:

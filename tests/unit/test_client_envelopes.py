@@ -11,8 +11,8 @@ from aiosmtpd.smtp import Envelope
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbound_relay.delivery import _needs_smtputf8
-from outbound_relay.session import _path
+from outbound_relay.delivery import _unsendable
+from outbound_relay.session import envelope_path
 from tests.peers.certs import TLSFiles
 from tests.support.relay import catch_all_policy, running_relay, write_config
 from tests.support.swaks import swaks
@@ -53,13 +53,16 @@ async def test_non_ascii_sender_without_smtputf8_is_refused_at_mail(tls: TLSFile
 def test_an_address_accepted_at_rcpt_can_always_be_sent_upstream(
     local: str, domain: str, smtp_utf8: bool
 ) -> None:
-    """Whatever passes the RCPT checks must encode for the upstream's MAIL/RCPT: a failure there would
-    come at DATA, after 250 to RCPT, and would repeat on every retry."""
+    """Whatever passes the RCPT checks must encode for the upstream's MAIL/RCPT as one command line: a
+    failure there would come at DATA, after 250 to RCPT, and repeat on every retry; a control character
+    would end or garble the command."""
     address = f"{local}@{domain}"
     envelope = Envelope()
     envelope.smtp_utf8 = smtp_utf8
-    if _needs_smtputf8(address, envelope) is not None:
-        assert not smtp_utf8 and not address.isascii()
+    refusal = _unsendable(address, envelope)
+    if refusal is not None:
+        assert refusal.startswith(("553 5.6.7 ", "553 5.1.3 "))
         return
-    encoded = _path(address, smtp_utf8)
+    encoded = envelope_path(address, smtp_utf8)
     assert encoded.startswith(b"<") and encoded.endswith(b">")
+    assert not any(byte < 0x20 or byte == 0x7F for byte in encoded), encoded
