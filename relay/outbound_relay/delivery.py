@@ -45,6 +45,8 @@ def _unsendable(address: str, envelope: Envelope) -> str | None:
             "553 5.6.7 Non-ASCII address needs SMTPUTF8 on MAIL FROM (RFC 6531); "
             "give it, or use an ASCII address"
         )
+    if address in ("", "<>"):
+        return None  # the null reverse-path of a bounce: MAIL FROM:<> (aiosmtpd gives "<>")
     if _CONTROL.search(address):
         return _UNSENDABLE
     try:
@@ -128,9 +130,9 @@ class RelayHandler:
             if generation.missing is not None:
                 raise RouteMisconfigured(f"the relay has no config yet: {generation.missing} does not exist")
             route, content = await self._route(generation, envelope, envelope.content)
-            message = Transaction(
-                envelope.mail_from, tuple(envelope.rcpt_tos), content, bool(envelope.smtp_utf8)
-            )
+            # aiosmtpd keeps the null reverse-path as "<>"; the upstream session spells it "".
+            mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
+            message = Transaction(mail_from, tuple(envelope.rcpt_tos), content, bool(envelope.smtp_utf8))
             return await self._send(route, message)
         except RelayError as error:
             level = logging.WARNING if error.temporary else logging.INFO

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from outbound_relay.delivery import _unsendable
 from outbound_relay.session import envelope_path
 from tests.peers.certs import TLSFiles
-from tests.support.relay import catch_all_policy, running_relay, write_config
+from tests.support.relay import catch_all_policy, message, running_relay, submit, write_config
 from tests.support.swaks import swaks
 from tests.support.upstream import AuthUpstream
 
@@ -66,3 +66,13 @@ def test_an_address_accepted_at_rcpt_can_always_be_sent_upstream(
     encoded = envelope_path(address, smtp_utf8)
     assert encoded.startswith(b"<") and encoded.endswith(b">")
     assert not any(byte < 0x20 or byte == 0x7F for byte in encoded), encoded
+
+
+async def test_a_bounce_with_the_null_sender_is_relayed(tls: TLSFiles, config_path: Path) -> None:
+    """MAIL FROM:<> (RFC 5321 4.5.5) reaches the upstream as the null sender, not as a failure at DATA."""
+    async with AuthUpstream(tls, users={"u": "p"}) as up:
+        write_config(config_path, {"policies": [catch_all_policy(up.port, tls)]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["a@example.com"], message(), mail_from="")
+    assert outcome.code == 250, outcome
+    assert up.received[0].mail_from == "<>"  # how the aiosmtpd upstream records MAIL FROM:<>
