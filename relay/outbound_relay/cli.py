@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from outbound_relay.config import ConfigError, load_config
+from outbound_relay.config import ClientAuth, ConfigError, load_config
 from outbound_relay.generation import Generation, Overrides
 from outbound_relay.hardening import disable_core_dumps
 from outbound_relay.pool import release_free_memory
@@ -51,7 +51,11 @@ async def _serve(args: argparse.Namespace) -> int:
     from outbound_relay.server import RelayServer
 
     redactor = _setup_logging(args.log_level)
-    overrides = Overrides(default_binding=args.default_binding, metrics_port=args.metrics_port)
+    overrides = Overrides(
+        default_binding=args.default_binding,
+        metrics_port=args.metrics_port,
+        client_auth=None if args.client_auth is None else ClientAuth(args.client_auth),
+    )
     try:
         generation = Generation.load(args.config, overrides)
     except ConfigError as error:
@@ -60,13 +64,17 @@ async def _serve(args: argparse.Namespace) -> int:
             return 2
         log.warning("%s does not exist yet: deferring all mail until it does", args.config)
         generation = Generation.waiting_for(args.config, overrides)
-    server = RelayServer(
-        generation,
-        config_path=args.config,
-        reload_interval=args.reload_interval,
-        redactor=redactor,
-        overrides=overrides,
-    )
+    try:
+        server = RelayServer(
+            generation,
+            config_path=args.config,
+            reload_interval=args.reload_interval,
+            redactor=redactor,
+            overrides=overrides,
+        )
+    except ConfigError as error:  # listen.tls files that are not a certificate and its key
+        log.error("%s", error)
+        return 2
     await server.start()
     # Start-up (config model, imports) leaves garbage and free heap pages: hand them back, then keep
     # the collector from walking what remains, which lives as long as the process, on every full
@@ -292,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="PORT",
         help="overrides metrics.port in the file (0: any free port)",
+    )
+    serve.add_argument(
+        "--client-auth",
+        choices=[mode.value for mode in ClientAuth],
+        help="overrides listen.clientAuth in the file: AUTH from the app is accepted with any "
+        "credentials (accept), names the binding (binding), or is not offered (none)",
     )
     serve.add_argument(
         "--allow-missing-config",

@@ -91,12 +91,34 @@ class Endpoint(Model):
     port: int = Field(ge=1, le=65535)
 
 
+class ClientAuth(StrEnum):
+    """What the listener does with AUTH from the app (docs/relay-config.md, `listen.clientAuth`)."""
+
+    ACCEPT = "accept"  # offer AUTH PLAIN / LOGIN, accept any credentials, use none of them
+    BINDING = "binding"  # as accept, and the AUTH user names the message's binding
+    NONE = "none"  # offer no AUTH
+
+
+class ListenTls(Model):
+    """The certificate the listener offers STARTTLS with; paths are relative to relay.yaml."""
+
+    cert_file: Path = Field(alias="certFile")
+    key_file: Path = Field(alias="keyFile")
+
+
 class ListenConfig(Endpoint):
     """Where the app submits mail. Loopback only: an open listener would relay anyone's mail with our
     credentials, and the sidecar shares the Pod's network namespace with the app."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=2525, ge=0, le=65535)  # 0: any free port (tests)
+    client_auth: ClientAuth = Field(default=ClientAuth.ACCEPT, alias="clientAuth")
+    tls: ListenTls | None = None  # STARTTLS offered only when set
+
+    @field_validator("client_auth", mode="before")
+    @classmethod
+    def _client_auth(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("host")
     @classmethod
@@ -502,7 +524,17 @@ def resolve_files(config: RelayConfig, base_dir: Path) -> RelayConfig:
                 raise ConfigError(f"{where}: tls.caFile {str(ca_file)!r} is not a readable file")
             updates["tls"] = policy.tls.model_copy(update={"ca_file": ca_file})
         policies.append(policy.model_copy(update=updates) if updates else policy)
-    return config.model_copy(update={"policies": tuple(policies)})
+    config = config.model_copy(update={"policies": tuple(policies)})
+    if config.listen.tls is not None:
+        tls = config.listen.tls
+        files = {"cert_file": base_dir / tls.cert_file, "key_file": base_dir / tls.key_file}
+        for name, path in files.items():
+            if not path.is_file():
+                key = "certFile" if name == "cert_file" else "keyFile"
+                raise ConfigError(f"listen.tls.{key} {str(path)!r} is not a readable file")
+        listen = config.listen.model_copy(update={"tls": tls.model_copy(update=files)})
+        config = config.model_copy(update={"listen": listen})
+    return config
 
 
 def load_config(path: Path) -> RelayConfig:

@@ -9,6 +9,7 @@ the client sends it in a new transaction (RFC 5321 4.5.3.1.10).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import weakref
 
@@ -22,13 +23,34 @@ from outbound_relay.metrics import MessageResult, RelayMetrics
 from outbound_relay.pool import UpstreamPool
 from outbound_relay.reply import Reply
 from outbound_relay.scopes import Route
-from outbound_relay.session import StaleSession, Transaction
+from outbound_relay.session import StaleSession, Transaction, envelope_path
 
 log = logging.getLogger(__name__)
 
 # Ours when a bug of ours ends a transaction: never aiosmtpd's "500 Error", which would make the app drop
 # the message.
 _INTERNAL_ERROR = Reply.of(451, "4.3.0", "Internal error in the relay; try again later")
+
+
+_UNSENDABLE = "553 5.1.3 Address has characters that cannot be sent in an SMTP command"
+
+
+def _unsendable(address: str, envelope: Envelope) -> str | None:
+    """The refusal of an address that cannot be sent upstream, at the client's MAIL or RCPT: later, at
+    DATA, it would fail the same way on every retry. RFC 6531 3.5: a non-ASCII address is only allowed
+    after SMTPUTF8 on MAIL (553 5.6.7). Control characters are refused before this (address_defect)."""
+    if not (address.isascii() or envelope.smtp_utf8):
+        return (
+            "553 5.6.7 Non-ASCII address needs SMTPUTF8 on MAIL FROM (RFC 6531); "
+            "give it, or use an ASCII address"
+        )
+    if address in ("", "<>"):
+        return None  # the null reverse-path of a bounce: MAIL FROM:<> (aiosmtpd gives "<>")
+    try:
+        envelope_path(address, bool(envelope.smtp_utf8))
+    except ValueError:  # aiosmtplib's check of what would end the command line
+        return _UNSENDABLE
+    return None
 
 
 class RelayHandler:
@@ -43,6 +65,8 @@ class RelayHandler:
         self.pool = pool
         self.metrics = metrics
         self._pinned: weakref.WeakKeyDictionary[Envelope, Generation] = weakref.WeakKeyDictionary()
+        # The binding the app named as its AUTH user (listen.clientAuth: binding), per transaction.
+        self._auth_binding: weakref.WeakKeyDictionary[Envelope, str] = weakref.WeakKeyDictionary()
         self._counted = {result: metrics.messages.labels(result=result.value) for result in MessageResult}
         self.closing = False  # set on SIGTERM: no new transactions
 
@@ -62,7 +86,12 @@ class RelayHandler:
             return "421 4.3.2 The relay is shutting down; try again"
         if (defect := address_defect(address)) is not None:
             return f"553 5.1.7 Sender address {defect}"
+        if refusal := _unsendable(address, envelope):
+            return refusal
         self._pinned[envelope] = self.generation
+        auth_data: object = session.auth_data  # a str only in binding mode (server.client_authenticator)
+        if isinstance(auth_data, str):
+            self._auth_binding[envelope] = auth_data
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -75,6 +104,8 @@ class RelayHandler:
             return "553 5.1.3 Recipient address must be local@domain"
         if (defect := address_defect(address)) is not None:
             return f"553 5.1.3 Recipient address {defect}"
+        if refusal := _unsendable(address, envelope):
+            return refusal
         generation = self._generation_of(envelope)
         limit = generation.config.limits.recipients_per_transaction
         if len(envelope.rcpt_tos) >= limit:
@@ -110,9 +141,9 @@ class RelayHandler:
             if generation.missing is not None:
                 raise RouteMisconfigured(f"the relay has no config yet: {generation.missing} does not exist")
             route, content = await self._route(generation, envelope, envelope.content)
-            message = Transaction(
-                envelope.mail_from, tuple(envelope.rcpt_tos), content, bool(envelope.smtp_utf8)
-            )
+            # aiosmtpd keeps the null reverse-path as "<>"; the upstream session spells it "".
+            mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
+            message = Transaction(mail_from, tuple(envelope.rcpt_tos), content, bool(envelope.smtp_utf8))
             return await self._send(route, message)
         except RelayError as error:
             level = logging.WARNING if error.temporary else logging.INFO
@@ -125,7 +156,8 @@ class RelayHandler:
     async def _route(self, generation: Generation, envelope: Envelope, content: bytes) -> tuple[Route, bytes]:
         config = generation.config
         content, header_binding = pop_header(content, config.binding_header)
-        binding = header_binding or config.default_binding
+        # The header names the binding of one message, the AUTH user that of the session's messages.
+        binding = header_binding or self._auth_binding.get(envelope) or config.default_binding
         domain = envelope.rcpt_tos[0].rpartition("@")[2]
         overrides: dict[str, str] = {}
         if generation.hooks:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from outbound_relay.config import RelayConfig, fingerprint, read_config, watched_files
+from outbound_relay.config import ClientAuth, RelayConfig, fingerprint, read_config, watched_files
 from outbound_relay.scopes import ScopeIndex
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ class Overrides:
 
     default_binding: str | None = None
     metrics_port: int | None = None
+    client_auth: ClientAuth | None = None
 
     def apply(self, config: RelayConfig) -> RelayConfig:
         if self.default_binding is not None:
@@ -35,6 +36,9 @@ class Overrides:
         if self.metrics_port is not None:
             metrics = config.metrics.model_copy(update={"port": self.metrics_port})
             config = config.model_copy(update={"metrics": metrics})
+        if self.client_auth is not None:
+            listen = config.listen.model_copy(update={"client_auth": self.client_auth})
+            config = config.model_copy(update={"listen": listen})
         return config
 
 

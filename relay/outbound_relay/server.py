@@ -8,13 +8,15 @@ import contextlib
 import logging
 import re
 import socket
+import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from prometheus_client import start_http_server
 
-from outbound_relay.config import ConfigError, fingerprint
+from outbound_relay.config import ClientAuth, ConfigError, ListenConfig, fingerprint
 from outbound_relay.delivery import RelayHandler
 from outbound_relay.generation import NO_OVERRIDES, Generation, Overrides
 from outbound_relay.health import with_health
@@ -30,6 +32,57 @@ log = logging.getLogger(__name__)
 # `<local@domain>` of dot-atoms, then nothing or parameters after white space (no comment: "(" would
 # start one, which the full parser skips).
 _SIMPLE_PATH = re.compile(rf"<({DOT_ATOM_ADDRESS})>(?:[ \t]+([^(\\\"]*))?\Z")
+
+
+class _QuietLoginData(logging.Filter):
+    """aiosmtpd warns "Session.login_data is deprecated" on every successful AUTH, from its own code:
+    noise in the sidecar's log for each message of an app that authenticates."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Session.login_data is deprecated")
+
+
+logging.getLogger("mail.log").addFilter(_QuietLoginData())
+
+
+def client_authenticator(mode: ClientAuth) -> Callable[[SMTP, Session, Envelope, str, Any], AuthResult]:
+    """The listener's AUTH check. Any credentials are accepted: the listener is on loopback, where any
+    process of the Pod can already send without them, so a password would guard nothing; it is never
+    kept, forwarded or logged. In `binding` mode the session keeps the user as the message's binding
+    (delivery.RelayHandler reads a `str` auth_data as that)."""
+
+    def authenticate(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if mode is not ClientAuth.BINDING:
+            return AuthResult(success=True, auth_data=None)
+        assert isinstance(auth_data, LoginPassword)
+        user = auth_data.login.decode("utf-8", "replace").strip()
+        if not user:
+            return AuthResult(
+                success=False,
+                handled=False,
+                message="535 5.7.8 listen.clientAuth is binding: the AUTH user names the binding, "
+                "and must not be empty",
+            )
+        return AuthResult(success=True, auth_data=user)
+
+    return authenticate
+
+
+def listener_tls_context(listen: ListenConfig) -> ssl.SSLContext | None:
+    """The STARTTLS context of `listen.tls`, read once at start."""
+    if listen.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(listen.tls.cert_file, listen.tls.key_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"listen.tls: certificate {listen.tls.cert_file} with key {listen.tls.key_file} "
+            f"cannot be used: {error}"
+        ) from None
+    return context
 
 
 class RelayServer:
@@ -69,6 +122,11 @@ class RelayServer:
         self._metrics_server: Any = None
         self._reloader: asyncio.Task[None] | None = None
         self._rejected: str | None = None  # why the newest file was refused, while it is
+        # The listener's settings are read once: they change only on restart (see reload).
+        listen = generation.config.listen
+        self._tls_context = listener_tls_context(listen)
+        self._client_auth = listen.client_auth
+        self._authenticator = client_authenticator(listen.client_auth)
 
     @property
     def generation(self) -> Generation:
@@ -107,7 +165,7 @@ class RelayServer:
         limits = self.generation.config.limits
         if len(self._sessions) >= limits.sessions:
             return _Busy(limits.sessions)
-        session = _TrackedSMTP(
+        session = (_NoAuthSMTP if self._client_auth is ClientAuth.NONE else _TrackedSMTP)(
             self.handler,
             hostname=socket.gethostname(),
             ident="outbound-relay",
@@ -115,6 +173,14 @@ class RelayServer:
             data_size_limit=limits.message_size_bytes,
             enable_SMTPUTF8=True,
             close_on=self._sessions,
+            tls_context=self._tls_context,
+            require_starttls=False,
+            **(
+                # No mechanism left, and no AUTH line before TLS (nor after it: _NoAuthSMTP).
+                {"auth_require_tls": True, "auth_exclude_mechanism": ["LOGIN", "PLAIN"]}
+                if self._client_auth is ClientAuth.NONE
+                else {"authenticator": self._authenticator, "auth_require_tls": False}
+            ),
         )
         self._sessions.add(session)
         return session
@@ -275,3 +341,12 @@ class _TrackedSMTP(SMTP):
             address: tuple[str | None, str | None] = super()._getaddr(arg)
             return address
         return match[1], match[2] or ""
+
+
+class _NoAuthSMTP(_TrackedSMTP):
+    """A session of `listen.clientAuth: none`: with every mechanism excluded, aiosmtpd still writes an
+    empty "250-AUTH " line after STARTTLS; it is left out (a subclass, so other sessions pay nothing)."""
+
+    async def push(self, status: AnyStr) -> None:
+        if status != "250-AUTH ":
+            await super().push(status)

@@ -584,6 +584,13 @@ def _path(address: str, smtp_utf8: bool) -> bytes:
     return quote_address(address).encode("ascii")
 
 
+def envelope_path(address: str, smtp_utf8: bool) -> bytes:
+    """`<address>` as MAIL FROM / RCPT TO send it upstream. ValueError when it cannot be sent: non-ASCII
+    without SMTPUTF8, or characters that would end the command line (the relay checks this at the
+    client's MAIL and RCPT, so that nothing fails later at DATA)."""
+    return _path(address, smtp_utf8)
+
+
 def _all_ascii(message: Transaction) -> bool:
     return message.mail_from.isascii() and all(rcpt.isascii() for rcpt in message.rcpt_tos)
 

@@ -218,3 +218,22 @@ def test_explain_oauth2_without_a_running_relay(
     assert "scopes https://outlook.office365.com/.default" in out
     assert f"cached token: unknown (the relay's metrics at http://127.0.0.1:{closed_port}/metrics" in out
     assert "s3cret-client-value" not in out
+
+
+def test_serve_client_auth_flag_names_the_modes(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(config_path, {})
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(config_path), "--client-auth", "open"])
+    assert exited.value.code == 2
+    assert "'accept', 'binding', 'none'" in capsys.readouterr().err
+
+
+def test_serve_refuses_listen_tls_files_that_are_no_certificate(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (config_path.parent / "bad.pem").write_text("not PEM\n")
+    write_config(config_path, {"listen": {"port": 0, "tls": {"certFile": "bad.pem", "keyFile": "bad.pem"}}})
+    assert main(["serve", "--config", str(config_path)]) == 2
+    assert "listen.tls: certificate" in capsys.readouterr().err

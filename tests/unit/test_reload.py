@@ -10,7 +10,7 @@ from typing import Any
 import aiosmtplib
 import yaml
 
-from outbound_relay.config import parse_config
+from outbound_relay.config import ClientAuth, parse_config
 from outbound_relay.generation import Generation, Overrides
 from outbound_relay.server import RelayServer
 from tests.peers.certs import TLSFiles
@@ -229,9 +229,12 @@ async def test_missing_config_defers_mail_until_it_appears(tls: TLSFiles, config
 
 
 def test_overrides_beat_the_file() -> None:
-    config = parse_config({"defaultBinding": "x", "metrics": {"port": 9425}})
-    applied = Overrides(default_binding="tx", metrics_port=9500).apply(config)
+    config = parse_config(
+        {"defaultBinding": "x", "metrics": {"port": 9425}, "listen": {"clientAuth": "none"}}
+    )
+    applied = Overrides(default_binding="tx", metrics_port=9500, client_auth=ClientAuth.BINDING).apply(config)
     assert (applied.default_binding, applied.metrics.port) == ("tx", 9500)
+    assert applied.listen.client_auth is ClientAuth.BINDING
     assert Overrides().apply(config) == config
 
 

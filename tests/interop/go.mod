@@ -1,0 +1,3 @@
+module outbound-relay/interop
+
+go 1.21
