@@ -9,7 +9,6 @@ the client sends it in a new transaction (RFC 5321 4.5.3.1.10).
 from __future__ import annotations
 
 import logging
-import re
 import time
 import weakref
 
