@@ -1,11 +1,11 @@
-"""Cost per message of one hook call: the seed's Lua example and the same in Python, through `HookChain.run`.
+"""Cost per message of one hook call: Momentum's Lua example and the same in Python, through `HookChain.run`.
 
 Run from the repository root: `.venv/bin/python -m bench.hooks_bench [--calls 20000]`. Prints median and
 p99 per call, for:
-- lua: the seed's first example verbatim (three `context_set` calls), worker thread included;
+- lua: Momentum's first example verbatim (three `context_set` calls), worker thread included;
 - python: the same three sets in a Python hook, worker thread included;
 - python-noop: an empty Python hook through the same path: the cost of the path itself;
-- lua-direct: the seed example in the sandbox, called in this thread (no worker hop): the Lua part alone;
+- lua-direct: Momentum's example in the sandbox, called in this thread (no worker hop): the Lua part alone;
 - dict-update: the three keys put into the context dict directly: the floor.
 A call that misses its deadline (a loaded machine) is timed like the others and counted under "failed".
 Then the CPU time per lua call (this process, and any Lua worker process it started), which a loaded
