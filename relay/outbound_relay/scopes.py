@@ -91,6 +91,9 @@ class Route:
     # The policy that allows the credentials over plaintext or unverified TLS: the one supplying them,
     # when it sets that TLS itself or says allowInsecureAuth. None: they need verified TLS.
     insecure_auth_by: str | None = None
+    # Why the credentials must not go to this route's gateway: it comes from a narrower policy than they
+    # do, so whoever may write that policy could point another policy's credentials at their own server.
+    gateway_not_trusted: str | None = None
 
     @property
     def tls_protects_auth(self) -> bool:
@@ -102,6 +105,8 @@ class Route:
         """Why AUTH must not be sent on this route, or None when it may: credentials go over plaintext or
         unverified TLS only when the policy supplying them allows it itself (`insecure_auth_by`)."""
         credential = self.password or self.oauth2  # an access token is as secret as a password
+        if credential is not None and self.gateway_not_trusted is not None:
+            return self.gateway_not_trusted
         if self.tls_protects_auth or self.insecure_auth_by is not None or credential is None:
             return None
         weakness = "plaintext" if self.tls.value.mode is TlsMode.NONE else "TLS without verification"
@@ -121,8 +126,9 @@ class Route:
             if password is not None
             else self.password,
             oauth2=None if password is not None else self.oauth2,
-            # A hook's password is no policy's: it needs TLS that protects it.
+            # A hook's password is no policy's: it needs TLS that protects it, and goes where the route goes.
             insecure_auth_by=None if password is not None else self.insecure_auth_by,
+            gateway_not_trusted=None if password is not None else self.gateway_not_trusted,
         )
 
     def identity(self) -> str:
@@ -245,6 +251,21 @@ class ScopeIndex:
             password_by.allow_insecure_auth or route.tls.source == _describe(password_by)
         ):
             route = replace(route, insecure_auth_by=_describe(password_by))
+        gateway_by = next((p for p in chain if p.gateway is not None), None)
+        if (
+            password_by is not None
+            and gateway_by is not None
+            and chain.index(gateway_by) < chain.index(password_by)
+        ):
+            route = replace(
+                route,
+                gateway_not_trusted=(
+                    f"the gateway from {_describe(gateway_by)} is more specific than "
+                    f"{_describe(password_by)}, which gives the credentials; credentials go only to a "
+                    "gateway of their own policy or of a wider scope: set the gateway there, or the "
+                    "credentials in the gateway's policy"
+                ),
+            )
         if suspended_by is not None and unresolved:
             route = replace(
                 route, suspended=f"{_describe(suspended_by)} is suspended: {suspended_by.suspended}"

@@ -89,3 +89,33 @@ def test_an_oauth2_access_token_is_held_back_like_a_password(wide_tls: dict[str,
     exposure = route().auth_exposure()
     assert exposure is not None and "t/o365" in exposure and "t/internal" in exposure
     assert route(allowInsecureAuth=True).auth_exposure() is None
+
+
+async def test_a_narrower_policy_cannot_point_wider_credentials_at_its_own_gateway(
+    tls: TLSFiles, config_path: Path
+) -> None:
+    """Each setting falls back on its own, so a policy that sets only a gateway would take the wider
+    scope's password with it: whoever may write that policy would receive the credentials. They go only
+    to a gateway of their own policy or a wider one; the mail is deferred, never sent to the other."""
+    async with (
+        AuthUpstream(tls, users={"u": "p"}) as legit,
+        AuthUpstream(tls, users={"u": "p"}) as attacker,
+    ):
+        policies = [
+            {"name": "t/global", "type": "PLAIN", "user": "u", "password": "p",
+             "gateway": {"host": "127.0.0.1", "port": legit.port}, "tls": {"caFile": str(tls.ca_file)}},
+            {"name": "t/redirect", "scope": {"domain": "sparkpost.com"},
+             "gateway": {"host": "127.0.0.1", "port": attacker.port}},
+        ]  # fmt: skip
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            redirected = await submit(relay.port, ["b@sparkpost.com"], message())
+            elsewhere = await submit(relay.port, ["b@example.org"], message())
+        text = explain_route(
+            ScopeIndex(RelayConfig.model_validate({"policies": policies})), "x@sparkpost.com", None
+        )
+    assert redirected.data_reply is not None and redirected.data_reply[0] == 454, redirected
+    assert "t/redirect" in redirected.data_reply[1] and "t/global" in redirected.data_reply[1]
+    assert attacker.auth_log == []  # the password never reached the narrower policy's gateway
+    assert elsewhere.code == 250 and [entry[1:] for entry in legit.auth_log] == [("u", True)]
+    assert "deferred (4xx)" in text and "more specific than" in text
