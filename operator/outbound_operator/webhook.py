@@ -67,6 +67,7 @@ log = logging.getLogger("outbound_operator.webhook")
 
 MUTATE_PATH: Final = "/mutate-pods"
 HEALTH_PATH: Final = "/healthz"
+SAR_TIMEOUT_S: Final = 5.0  # a SubjectAccessReview that takes longer fails the policy check closed
 ALWAYS_EXCLUDED: Final = ("kube-system",)
 
 
@@ -298,11 +299,14 @@ class WebhookServer:
                 self.api = load_api_client()
             authorization = client.AuthorizationV1Api(self.api)
             try:
+                # Bounded: a hung API server must not hold the threads that also parse injection reviews.
                 response: Any = authorization.create_subject_access_review(
-                    cast(Any, body), _preload_content=False
+                    cast(Any, body), _preload_content=False, _request_timeout=SAR_TIMEOUT_S
                 )
             except ApiException as error:
                 raise ReviewCheckError(f"SubjectAccessReview: {error.status} {error.reason}") from None
+            except Exception as error:  # timed out or connection lost: the check fails closed
+                raise ReviewCheckError(f"SubjectAccessReview: {type(error).__name__}") from None
             status = json.loads(response.data).get("status") or {}
             return status.get("allowed") is True and not status.get("denied")
 
