@@ -194,6 +194,11 @@ def test_the_admission_policy_confines_its_secret_writes(install: Install) -> No
     bound = install.create(role_binding(install, install.opted_in), dry_run=False)
     assert bound.returncode == 0, bound.stderr
     wait_for(lambda: install.can_i("create", "secrets", install.opted_in) == "yes", what="the binding")
+    # The API server applies an admission policy and its binding once its informers have them: seconds.
+    wait_for(
+        lambda: install.create(token_secret(install.opted_in)).returncode != 0,
+        what="the admission policy in force",
+    )
     attempts = {
         "a ServiceAccount token": token_secret(install.opted_in),
         "another Opaque Secret": secret(install.opted_in, "stolen"),

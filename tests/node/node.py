@@ -99,15 +99,8 @@ def container_log(cluster: ControlPlane, namespace: str, pod: str, container: st
     return "\n".join(lines)
 
 
-def projected_file(cluster: ControlPlane, pod_uid: str, volume: str, key: str) -> Path:
-    """A key of a projected volume as the kubelet wrote it for a Pod (through its ..data symlink)."""
+def volume_file(cluster: ControlPlane, pod_uid: str, volume: str, key: str) -> Path:
+    """A key of a Secret volume as the kubelet wrote it for a Pod (through its ..data symlink)."""
     return (
-        cluster.state_dir
-        / "kubelet"
-        / "pods"
-        / pod_uid
-        / "volumes"
-        / "kubernetes.io~projected"
-        / volume
-        / key
+        cluster.state_dir / "kubelet" / "pods" / pod_uid / "volumes" / "kubernetes.io~secret" / volume / key
     )

@@ -32,9 +32,10 @@ import pytest
 import yaml
 from kubernetes import client
 
+from outbound_operator.injection import VOLUME_NAME
 from tests.cluster.controlplane import REPO, ControlPlane
 from tests.helm.chart import read_json
-from tests.node.node import container_log, in_netns, pod_netns, projected_file
+from tests.node.node import container_log, in_netns, pod_netns, volume_file
 from tests.peers import DovecotSubmission, shared_workdir
 from tests.peers.certs import make_tls_files
 from tests.support.seed import SEED_CONF, SEED_USER
@@ -318,7 +319,7 @@ def test_app_mail_reaches_dovecot_through_the_injected_sidecar(installed: Instal
     for user, mechanism in MECHANISMS.items():
         setup.dovecot.wait_for_log(f"Login: user=<{user}>, method={mechanism}")
     # The sidecar in its container, on the rendered Secret the kubelet projected.
-    relay_yaml = projected_file(setup.cluster, app_pod.uid, "outbound-relay-config", "relay.yaml")
+    relay_yaml = volume_file(setup.cluster, app_pod.uid, VOLUME_NAME, "relay.yaml")
     assert len(yaml.safe_load(relay_yaml.read_text())["policies"]) == 4
 
 
@@ -346,7 +347,7 @@ def test_rotated_password_reaches_the_pod_through_the_kubelet(installed: Install
     -> a new upstream session authenticated with the new password."""
     setup = installed
     new_password = "rotated-" + os.urandom(6).hex()
-    relay_yaml = projected_file(setup.cluster, app_pod.uid, "outbound-relay-config", "relay.yaml")
+    relay_yaml = volume_file(setup.cluster, app_pod.uid, VOLUME_NAME, "relay.yaml")
     assert new_password not in relay_yaml.read_text()
 
     def reloads() -> int:
