@@ -109,7 +109,11 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    print(f"{args.config}: ok, {len(generation.config.policies)} policies")
+    revision = generation.config.revision
+    print(
+        f"{args.config}: ok, {len(generation.config.policies)} policies"
+        + (f", revision {revision}" if revision else "")
+    )
     return 0
 
 
@@ -133,6 +137,10 @@ def explain_route(
     route: Route = index.route(domain, binding)
     group = config.group_of.get(binding)
     lines = [f"recipient domain {route.domain}, binding {binding}, binding group {group or '(none)'}"]
+    if config.revision is not None:
+        lines.append(
+            f"config revision {config.revision} (the operator's; compare outbound_relay_config_revision_info)"
+        )
     tls = route.tls.value
     rows = [
         ("type", _show(route.type)),

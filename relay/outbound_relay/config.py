@@ -409,6 +409,10 @@ class Limits(Model):
 
 
 class RelayConfig(Model):
+    # An opaque label of this config, stamped by the operator (a number that grows with each rendering of
+    # a namespace's Secret); exported as outbound_relay_config_revision_info, so sidecars on an older
+    # revision than the operator's are found with one query. No effect on delivery.
+    revision: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     listen: ListenConfig = ListenConfig()
     metrics: MetricsConfig = MetricsConfig()
     default_binding: str = Field(default="default", alias="defaultBinding", min_length=1)

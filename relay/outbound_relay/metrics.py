@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import platform
 from enum import StrEnum
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from outbound_relay import __version__
+
+# The `policy` label of AUTH metrics: the name of the relay.yaml policy that supplied the credentials
+# (bounded by the config, never by traffic), or one of these.
+POLICY_HOOK = "hook"  # a hook set the password (outbound_smtp_auth_pass)
+POLICY_NONE = "none"  # no policy supplies credentials (the AUTH is refused before any is sent)
 
 
 class MessageResult(StrEnum):
@@ -39,13 +55,20 @@ class RelayMetrics:
         )
         self.auth_attempts = Counter(
             "outbound_relay_auth_attempts",
-            "AUTH exchanges with upstream servers.",
-            ["mechanism", "result"],
+            "AUTH exchanges with upstream servers, by the policy that supplied the credentials.",
+            ["mechanism", "result", "policy"],
+            registry=r,
+        )
+        self.auth_duration = Histogram(
+            "outbound_relay_auth_duration_seconds",
+            "From sending AUTH to the upstream's verdict, by the policy that supplied the credentials.",
+            ["policy"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
         self.plaintext_auth = Counter(
             "outbound_relay_plaintext_auth",
-            "AUTH sent without TLS because a policy says tls.mode: none.",
+            "AUTH sent over plaintext or unverified TLS, as the policy that supplied the credentials allows.",
             registry=r,
         )
         self.delivery_duration = Histogram(
@@ -78,6 +101,24 @@ class RelayMetrics:
             ["generation"],
             registry=r,
         )
+        self.config_revision_info = Gauge(
+            "outbound_relay_config_revision_info",
+            "The operator's revision of the config in force (relay.yaml's `revision`), always 1; absent "
+            "when relay.yaml has none (written by hand).",
+            ["revision"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "outbound_relay_build_info",
+            "The relay's version and Python, always 1.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
+        # process_* (CPU, resident memory, open files, start time) and python_info, like every
+        # prometheus_client exporter; the default registry's instances are reused so they read this process.
+        r.register(PROCESS_COLLECTOR)
+        r.register(PLATFORM_COLLECTOR)
         self.oauth2_token_requests = Counter(
             "outbound_relay_oauth2_token_requests",
             "Requests to OAuth2 token endpoints, by result.",
@@ -102,12 +143,18 @@ class RelayMetrics:
         for kind in ("error", "timeout"):
             self.hook_errors.labels(kind=kind)
         self._generation: str | None = None
+        self._revision: str | None = None
 
-    def set_generation(self, generation: str) -> None:
+    def set_generation(self, generation: str, revision: str | None = None) -> None:
         if self._generation is not None:
             self.config_info.remove(self._generation)
         self._generation = generation
         self.config_info.labels(generation=generation).set(1)
+        if self._revision is not None:
+            self.config_revision_info.remove(self._revision)
+        self._revision = revision
+        if revision is not None:
+            self.config_revision_info.labels(revision=revision).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

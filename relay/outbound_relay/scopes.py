@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 from pydantic import SecretStr
 
+from outbound_relay.metrics import POLICY_HOOK, POLICY_NONE
 from outbound_relay.config import (
     AuthType,
     Endpoint,
@@ -94,6 +95,9 @@ class Route:
     # Why the credentials must not go to this route's gateway: it comes from a narrower policy than they
     # do, so whoever may write that policy could point another policy's credentials at their own server.
     gateway_not_trusted: str | None = None
+    # The name of the policy that supplies the credentials, "hook" when a hook set the password, "none"
+    # without any: the `policy` label of AUTH metrics (bounded by the config).
+    credential_policy: str = POLICY_NONE
 
     @property
     def tls_protects_auth(self) -> bool:
@@ -129,6 +133,7 @@ class Route:
             # A hook's password is no policy's: it needs TLS that protects it, and goes where the route goes.
             insecure_auth_by=None if password is not None else self.insecure_auth_by,
             gateway_not_trusted=None if password is not None else self.gateway_not_trusted,
+            credential_policy=POLICY_HOOK if password is not None else self.credential_policy,
         )
 
     def identity(self) -> str:
@@ -247,6 +252,8 @@ class ScopeIndex:
             or Sourced(value=self.config.upstream.default_max_connections, source="default"),
         )
         password_by = next((p for p in chain if p.password is not None or p.oauth2 is not None), None)
+        if password_by is not None:
+            route = replace(route, credential_policy=password_by.name)
         if password_by is not None and (
             password_by.allow_insecure_auth or route.tls.source == _describe(password_by)
         ):

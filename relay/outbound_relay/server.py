@@ -151,7 +151,7 @@ class RelayServer:
             idle_timeout=upstream.idle_timeout_seconds,
             data_timeout=upstream.data_timeout_seconds,
         )
-        self.metrics.set_generation(generation.short_digest)
+        self.metrics.set_generation(generation.short_digest, generation.config.revision)
         self.tokens.timeout = upstream.timeout_seconds
         policies = generation.config.policies
         self.tokens.retain(OAuth2Source(p.name, p.oauth2) for p in policies if p.oauth2 is not None)

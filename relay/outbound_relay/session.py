@@ -293,6 +293,7 @@ class UpstreamSession:
     async def _authenticate(self, route: Route, metrics: RelayMetrics, tokens: TokenProvider) -> None:
         assert route.type is not None
         mechanism = route.type.value
+        policy = route.credential_policy
         where = f"upstream {self.key} (AUTH {mechanism} as set by {route.type.source})"
         if route.user is None or (route.password is None and route.oauth2 is None):
             missing = "user" if route.user is None else "password"
@@ -301,7 +302,7 @@ class UpstreamSession:
             )
         smtp = self._smtp
         if mechanism.lower() not in smtp.server_auth_methods:
-            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
+            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR, policy=policy).inc()
             offered = " ".join(smtp.server_auth_methods).upper() or "no AUTH at all"
             raise UpstreamAuthFailed(f"{where} does not offer it; it offers {offered}")
         if (exposure := route.auth_exposure()) is not None:
@@ -322,6 +323,7 @@ class UpstreamSession:
             return
         assert route.password is not None
         user, secret = route.user.value, route.password.value.get_secret_value()
+        started = time.monotonic()
         try:
             if mechanism is AuthType.PLAIN:
                 await smtp.auth_plain(user, secret)
@@ -330,14 +332,16 @@ class UpstreamSession:
             else:
                 await auth_xoauth2(smtp, user, secret)
         except aiosmtplib.SMTPAuthenticationError as error:
-            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.FAILURE).inc()
+            metrics.auth_duration.labels(policy=policy).observe(time.monotonic() - started)
+            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.FAILURE, policy=policy).inc()
             raise UpstreamAuthFailed(
                 f"authentication to {where} failed: {error.code} {_one_line(error.message)}"
             ) from None
         except (aiosmtplib.SMTPException, OSError) as error:
-            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR).inc()
+            metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.ERROR, policy=policy).inc()
             raise UpstreamUnavailable(f"AUTH with {where} did not complete: {_reason(error)}") from None
-        metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.SUCCESS).inc()
+        metrics.auth_duration.labels(policy=policy).observe(time.monotonic() - started)
+        metrics.auth_attempts.labels(mechanism=mechanism, result=AuthResult.SUCCESS, policy=policy).inc()
 
     async def _authenticate_oauth2(
         self, route: Route, metrics: RelayMetrics, tokens: TokenProvider, where: str
@@ -354,12 +358,16 @@ class UpstreamSession:
                 f"(from {route.type.source}) needs a password"
             )
         source, user, refused = route.oauth2.value, route.user.value, None
+        policy = route.credential_policy
+        attempts = metrics.auth_attempts
         for attempt in (1, 2):
             token = await tokens.token(source, refused=refused)  # TokenUnavailable: a 454 naming it
+            started = time.monotonic()
             try:
                 await auth_xoauth2(self._smtp, user, token.value)
             except aiosmtplib.SMTPAuthenticationError as error:
-                metrics.auth_attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.FAILURE).inc()
+                metrics.auth_duration.labels(policy=policy).observe(time.monotonic() - started)
+                attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.FAILURE, policy=policy).inc()
                 if attempt == 1 and not token.fetched:
                     log.info("%s refused the cached access token; asking for a new one", where)
                     refused = token.value
@@ -369,9 +377,10 @@ class UpstreamSession:
                     f"{source.policy}'s oauth2.tokenUrl: {error.code} {_one_line(error.message)}"
                 ) from None
             except (aiosmtplib.SMTPException, OSError) as error:
-                metrics.auth_attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.ERROR).inc()
+                attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.ERROR, policy=policy).inc()
                 raise UpstreamUnavailable(f"AUTH with {where} did not complete: {_reason(error)}") from None
-            metrics.auth_attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.SUCCESS).inc()
+            metrics.auth_duration.labels(policy=policy).observe(time.monotonic() - started)
+            attempts.labels(mechanism=AuthType.XOAUTH2, result=AuthResult.SUCCESS, policy=policy).inc()
             return
 
     def _take_over(self) -> None:

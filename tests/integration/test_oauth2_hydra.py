@@ -116,7 +116,13 @@ async def test_delivery_across_token_lifetimes(
         outcomes, rcpts = sent.outcomes, sent.rcpts
         elapsed = time.monotonic() - started
         requests = token_requests(relay)
-        auths = counter(relay, "outbound_relay_auth_attempts_total", mechanism="XOAUTH2", result="success")
+        auths = counter(
+            relay,
+            "outbound_relay_auth_attempts_total",
+            mechanism="XOAUTH2",
+            result="success",
+            policy="it/hydra",
+        )
         deferred = counter(relay, "outbound_relay_messages_total", result="deferred")
         metrics = relay.metrics.render().decode()
         capsys.readouterr()
@@ -204,7 +210,13 @@ async def test_revoked_token_is_replaced_and_auth_retried_once(
         hydra_long.revoke_access_tokens(client)
         second = await submit(relay.port, [unique()], message())
         requests = token_requests(relay)
-        failures = counter(relay, "outbound_relay_auth_attempts_total", mechanism="XOAUTH2", result="failure")
+        failures = counter(
+            relay,
+            "outbound_relay_auth_attempts_total",
+            mechanism="XOAUTH2",
+            result="failure",
+            policy="it/revoked",
+        )
     assert (first.code, second.code) == (250, 250), (first, second)
     assert requests == 2  # the cached token, refused once, then a new one
     assert failures == 1

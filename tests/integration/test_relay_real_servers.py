@@ -58,7 +58,7 @@ async def test_dovecot_xoauth2_token(dovecot: DovecotSubmission, ca: TLSFiles, t
         metrics = relay.metrics.render().decode()
     assert outcome.code == 250, outcome
     assert len(dovecot.sink.wait_for(1, rcpt=rcpt)) == 1
-    assert 'auth_attempts_total{mechanism="XOAUTH2",result="success"} 1.0' in metrics
+    assert 'auth_attempts_total{mechanism="XOAUTH2",policy="it/upstream",result="success"} 1.0' in metrics
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,9 @@ async def test_dovecot_refusal_is_a_temporary_failure(
     assert outcome.data_reply is not None
     assert "authentication to upstream" in outcome.data_reply[1]
     assert secret not in outcome.data_reply[1]
-    assert f'auth_attempts_total{{mechanism="{mechanism}",result="failure"}} 1.0' in metrics
+    assert (
+        f'auth_attempts_total{{mechanism="{mechanism}",policy="it/upstream",result="failure"}} 1.0' in metrics
+    )
     assert dovecot.sink.messages_to(rcpt) == []
 
 
@@ -111,7 +113,7 @@ async def test_dovecot_pooled_session_many_messages(
     for rcpt in rcpts:
         assert len(dovecot.sink.wait_for(1, rcpt=rcpt)) == 1
     # One TLS handshake and one AUTH carried all twenty messages.
-    assert 'auth_attempts_total{mechanism="PLAIN",result="success"} 1.0' in metrics
+    assert 'auth_attempts_total{mechanism="PLAIN",policy="it/upstream",result="success"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])

@@ -34,6 +34,19 @@ def test_check_accepts_a_good_file(config_path: Path, capsys: pytest.CaptureFixt
     assert "ok, 3 policies" in capsys.readouterr().out
 
 
+def test_check_and_explain_show_the_operators_revision(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_config(config_path, {**EXPLAIN_CONFIG, "revision": "12"})
+    assert main(["check", "--config", str(config_path)]) == 0
+    assert "ok, 3 policies, revision 12" in capsys.readouterr().out
+    assert main(["explain", "--config", str(config_path), "--rcpt", "a@sparkpost.com"]) == 0
+    assert "config revision 12" in capsys.readouterr().out
+    write_config(config_path, {**EXPLAIN_CONFIG, "revision": "12\nMAIL FROM:<x>"})
+    assert main(["check", "--config", str(config_path)]) == 2
+    assert "revision" in capsys.readouterr().err
+
+
 def test_check_names_what_is_wrong(config_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config_path.write_text("policies: [{name: a, type: CRAM-MD5}]")
     assert main(["check", "--config", str(config_path)]) == 2

@@ -74,7 +74,11 @@ async def test_upstream_reply_reaches_client_and_is_counted(tls: TLSFiles, confi
         assert outcome.data_reply == (250, "2.0.0 Ok: queued as 1")
         metrics = relay.metrics.render().decode()
     assert 'outbound_relay_messages_total{result="delivered"} 1.0' in metrics
-    assert 'outbound_relay_auth_attempts_total{mechanism="PLAIN",result="success"} 1.0' in metrics
+    assert (
+        'outbound_relay_auth_attempts_total{mechanism="PLAIN",policy="seed/sparkpost",result="success"} 1.0'
+        in (metrics)
+    )
+    assert 'outbound_relay_auth_duration_seconds_count{policy="seed/sparkpost"} 1.0' in metrics
 
 
 async def test_pooled_session_carries_many_messages(tls: TLSFiles, config_path: Path) -> None:
@@ -113,7 +117,7 @@ async def test_wrong_password_is_a_temporary_failure_without_the_password(
     assert outcome.code == 454
     assert "authentication to upstream 127.0.0.1" in outcome.data_reply[1]  # type: ignore[index]
     assert "wrong-password-123" not in outcome.data_reply[1]  # type: ignore[index]
-    assert 'auth_attempts_total{mechanism="PLAIN",result="failure"} 1.0' in metrics
+    assert 'auth_attempts_total{mechanism="PLAIN",policy="seed/sparkpost",result="failure"} 1.0' in metrics
     assert 'outbound_relay_messages_total{result="deferred"} 1.0' in metrics
     assert not up.received
     assert "wrong-password-123" not in caplog.text

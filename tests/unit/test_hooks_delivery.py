@@ -33,8 +33,11 @@ async def test_seed_lua_example_switches_to_xoauth2(tls: TLSFiles, config_path: 
         )
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, ["someone@bird.com"], message())
+            metrics = relay.metrics.render().decode()
     assert outcome.code == 250, outcome
     assert up.auth_log == [("XOAUTH2", SEED_USER, True)]
+    # The hook's token is no policy's: the AUTH metrics say so.
+    assert 'auth_attempts_total{mechanism="XOAUTH2",policy="hook",result="success"} 1.0' in metrics
     assert up.received[0].mechanism == "XOAUTH2"
     assert up.received[0].login == SEED_USER
 

@@ -17,7 +17,8 @@ from tests.support.upstream import AuthUpstream
 
 CONTRACT = {
     "outbound_relay_messages_total": {"result"},
-    "outbound_relay_auth_attempts_total": {"mechanism", "result"},
+    "outbound_relay_auth_attempts_total": {"mechanism", "result", "policy"},
+    "outbound_relay_auth_duration_seconds_bucket": {"policy", "le"},
     "outbound_relay_delivery_duration_seconds_bucket": {"le"},
     "outbound_relay_upstream_connections": {"state"},
     "outbound_relay_config_reloads_total": {"result"},
@@ -25,6 +26,11 @@ CONTRACT = {
     "outbound_relay_oauth2_token_requests_total": {"result"},
     "outbound_relay_oauth2_token_expiry_seconds": set(),
     "outbound_relay_config_info": {"generation"},
+    "outbound_relay_config_revision_info": {"revision"},
+    "outbound_relay_build_info": {"version", "python"},
+    "process_resident_memory_bytes": set(),
+    "process_cpu_seconds_total": set(),
+    "python_info": {"implementation", "major", "minor", "patchlevel", "version"},
 }
 
 
@@ -51,7 +57,8 @@ async def test_metrics_after_traffic_pass_promtool(tls: TLSFiles, config_path: P
     async with AuthUpstream(tls, users={"u": "pw"}) as up:
         write_config(
             config_path,
-            {"policies": [{"name": "p", "type": "PLAIN", "user": "u", "password": "pw",
+            {"revision": "7",
+             "policies": [{"name": "mail/p", "type": "PLAIN", "user": "u", "password": "pw",
                            "gateway": {"host": "127.0.0.1", "port": up.port},
                            "tls": {"caFile": str(tls.ca_file)}}]},
         )  # fmt: skip
@@ -67,9 +74,32 @@ async def test_metrics_after_traffic_pass_promtool(tls: TLSFiles, config_path: P
     found = samples(text)
     for name, labels in CONTRACT.items():
         assert found.get(name) == labels, (name, found.get(name))
-    # No addresses or users in any label value.
+    # No addresses or users in any label value; the policy's name is bounded by the config.
     assert "example.com" not in text
     assert '"u"' not in text
+    assert (
+        'outbound_relay_auth_attempts_total{mechanism="PLAIN",policy="mail/p",result="success"} 1.0' in text
+    )
+    assert 'outbound_relay_config_revision_info{revision="7"} 1.0' in text
+    assert float(re.findall(r"^process_resident_memory_bytes (\S+)$", text, re.M)[0]) > 10e6
+
+
+def test_config_revision_follows_the_config_and_is_absent_without_one() -> None:
+    metrics = RelayMetrics()
+    metrics.set_generation("aaa", "3")
+    metrics.set_generation("bbb", "4")
+    text = metrics.render().decode()
+    assert 'outbound_relay_config_revision_info{revision="4"} 1.0' in text
+    assert 'revision="3"' not in text
+    metrics.set_generation("ccc")  # a hand-written relay.yaml: no revision, no series
+    assert "outbound_relay_config_revision_info{" not in metrics.render().decode()
+
+
+def test_two_relays_in_one_process_each_export_process_metrics() -> None:
+    texts = [RelayMetrics().render().decode() for _ in range(2)]
+    for text in texts:
+        assert "process_open_fds" in text
+        assert 'outbound_relay_build_info{python="' in text and 'version="0.' in text
 
 
 def test_config_info_keeps_one_generation() -> None:
