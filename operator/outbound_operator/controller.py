@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,6 +34,7 @@ from outbound_operator.render import (
 )
 from outbound_operator.resources import (
     API_VERSION,
+    CONFIG_KEY,
     GROUP_KIND,
     GROUP_PLURAL,
     MANAGED_BY_LABEL,
@@ -41,6 +43,7 @@ from outbound_operator.resources import (
     POLICY_PLURAL,
     RENDERED_LABELS,
     RENDERED_SECRET,
+    REVISION_ANNOTATION,
 )
 from outbound_operator.status import readiness_event, status_of, status_patch
 
@@ -128,6 +131,24 @@ def _content_digest(data: Mapping[str, bytes], owners: Iterable[Mapping[str, Any
     return digest.hexdigest()
 
 
+_REVISION_LINE = re.compile(rb'^revision: "(\d{1,18})"\n\Z', re.MULTILINE)
+
+
+def revision_of(current: RenderedSecret | None) -> int:
+    """The revision of the rendered Secret in place: from its relay.yaml, which the sidecars read (the
+    annotation is for people); 0 when there is none."""
+    if current is None:
+        return 0
+    found = _REVISION_LINE.search(current.data.get(CONFIG_KEY, b""))
+    return int(found.group(1)) if found else 0
+
+
+def stamped(data: Mapping[str, bytes], revision: int) -> dict[str, bytes]:
+    """`data` with relay.yaml's `revision` as its last line. Added here, not by render.py: the revision
+    follows from the Secret in place, known only at write time."""
+    return {**data, CONFIG_KEY: data[CONFIG_KEY] + f'revision: "{revision}"\n'.encode()}
+
+
 def _live(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Objects being deleted no longer count: their scope and bindings are released at once."""
     return [item for item in items if not (item.get("metadata") or {}).get("deletionTimestamp")]
@@ -194,6 +215,7 @@ class Controller:
         if state.task is not None:
             state.task.cancel()
         self.metrics.set_policies(namespace, {})
+        self.metrics.set_revision(namespace, None)
 
     def start(self) -> None:
         """Start the periodic re-read of referenced Secrets (in the running loop); close() stops it."""
@@ -433,28 +455,44 @@ class Controller:
             if current is None:
                 return ReconcileResult.UNCHANGED
             await self.api.delete_rendered(namespace, current)
+            self.metrics.set_revision(namespace, None)
             return ReconcileResult.WRITTEN
+        # The revision grows by one each time the content changes, so sidecars can be compared with the
+        # operator (docs/metrics.md, "Stale sidecars"); an unchanged rendering keeps the one in place.
+        revision = revision_of(current)
+        data = stamped(rendering.data, revision)
         # Set before writing: the watch event of our own write may arrive before the write returns.
-        state.written_digest = _content_digest(rendering.data, rendering.owners)
-        if current is not None and self._same(current, rendering):
+        state.written_digest = _content_digest(data, rendering.owners)
+        if current is not None and self._same(current, data, rendering.owners):
+            self.metrics.set_revision(namespace, revision)
             return ReconcileResult.UNCHANGED
-        size = sum(len(value) for value in rendering.data.values())
+        revision += 1
+        data = stamped(rendering.data, revision)
+        state.written_digest = _content_digest(data, rendering.owners)
+        size = sum(len(value) for value in data.values())
         if size > MAX_SECRET_BYTES:
             raise SecretTooLargeError(
                 f"the rendered Secret {namespace}/{RENDERED_SECRET} would hold {size} bytes, more than the "
                 f"{MAX_SECRET_BYTES} the API server accepts; the one in place is kept"
             )
         await self.api.write_rendered(
-            namespace, data=rendering.data, owners=rendering.owners, labels=RENDERED_LABELS, current=current
+            namespace,
+            data=data,
+            owners=rendering.owners,
+            labels=RENDERED_LABELS,
+            current=current,
+            annotations={REVISION_ANNOTATION: str(revision)},
         )
+        self.metrics.set_revision(namespace, revision)
         return ReconcileResult.WRITTEN
 
     @staticmethod
-    def _same(current: RenderedSecret, rendering: Rendering) -> bool:
+    def _same(current: RenderedSecret, data: Mapping[str, bytes], owners: tuple[dict[str, Any], ...]) -> bool:
         return (
-            current.data == rendering.data
-            and list(current.owners) == list(rendering.owners)
+            current.data == data
+            and list(current.owners) == list(owners)
             and current.labels == RENDERED_LABELS
+            and current.annotations.get(REVISION_ANNOTATION) == str(revision_of(current))
         )
 
     async def _write_statuses(

@@ -12,7 +12,7 @@ import base64
 import json
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,6 +68,7 @@ class RenderedSecret:
     owners: tuple[dict[str, Any], ...]
     labels: dict[str, str]
     resource_version: str
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 class KubeApi:
@@ -130,6 +131,7 @@ class KubeApi:
             owners=tuple(metadata.get("ownerReferences") or ()),
             labels=dict(metadata.get("labels") or {}),
             resource_version=str(metadata.get("resourceVersion", "")),
+            annotations=dict(metadata.get("annotations") or {}),
         )
 
     async def write_rendered(
@@ -140,6 +142,7 @@ class KubeApi:
         owners: tuple[dict[str, Any], ...],
         labels: Mapping[str, str],
         current: RenderedSecret | None,
+        annotations: Mapping[str, str] | None = None,
     ) -> str:
         """Create the rendered Secret, or replace it if unchanged since `current` was read; returns the
         new resourceVersion."""
@@ -147,6 +150,7 @@ class KubeApi:
             "name": RENDERED_SECRET,
             "namespace": namespace,
             "labels": dict(labels),
+            "annotations": dict(annotations or {}),
             "ownerReferences": list(owners),
         }
         body = {

@@ -1,4 +1,5 @@
-"""The operator's Prometheus metrics (docs/metrics.md): bounded labels, no names of objects."""
+"""The operator's Prometheus metrics (docs/metrics.md): bounded labels; no names of objects but the
+namespaces the operator serves."""
 
 from __future__ import annotations
 
@@ -39,6 +40,14 @@ class OperatorMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
+        self.config_revision = Gauge(
+            "outbound_operator_config_revision_info",
+            "The revision of each served namespace's rendered Secret outbound-relay-config, as last "
+            'written or found in place, always 1 (docs/metrics.md, "Stale sidecars").',
+            ["config_namespace", "revision"],
+            registry=self.registry,
+        )
+        self._revisions: dict[str, str] = {}
         for result in ReconcileResult:
             self.reconciles.labels(result=result.value)
         for kind in POLICY_CONDITIONS:
@@ -56,6 +65,22 @@ class OperatorMetrics:
             self.policies.labels(condition=kind.value).set(
                 sum(t[kind.value] for t in self._by_namespace.values())
             )
+
+    def set_revision(self, namespace: str, revision: int | None) -> None:
+        """One series per namespace: the revision in force there; None removes it (no rendered Secret, or
+        no longer served)."""
+        old = self._revisions.pop(namespace, None)
+        if old is not None and old != str(revision):
+            self.config_revision.remove(namespace, old)
+        if revision is not None:
+            self._revisions[namespace] = str(revision)
+            self.config_revision.labels(config_namespace=namespace, revision=str(revision)).set(1)
+
+    def clear_revisions(self) -> None:
+        """Forget every namespace's revision: a replica that stops writing (no longer the leader) must not
+        go on exporting what another replica may since have changed."""
+        for namespace in list(self._revisions):
+            self.set_revision(namespace, None)
 
     def serve(self, host: str, port: int) -> Any:
         """Start the /metrics endpoint in a thread; returns the server (shutdown() to stop it)."""

@@ -14,6 +14,8 @@ GROUP_PLURAL = "outboundbindinggroups"
 # One per namespace; the sidecar mounts it read-only (docs/relay-config.md).
 RENDERED_SECRET = "outbound-relay-config"  # noqa: S105 (a Secret name, not a password)
 CONFIG_KEY = "relay.yaml"
+# The rendering's revision, also relay.yaml's `revision` (docs/metrics.md, "Stale sidecars").
+REVISION_ANNOTATION = "outboundrelay.io/revision"
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGER = "outbound-operator"  # label value, Event source and field manager

@@ -15,7 +15,6 @@ from typing import Generic, TypeVar
 
 from pydantic import SecretStr
 
-from outbound_relay.metrics import POLICY_HOOK, POLICY_NONE
 from outbound_relay.config import (
     AuthType,
     Endpoint,
@@ -25,6 +24,7 @@ from outbound_relay.config import (
     TlsMode,
     TlsSettings,
 )
+from outbound_relay.metrics import POLICY_HOOK, POLICY_NONE
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)

@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import generate_latest
 
 from outbound_operator import controller as controller_module
 from outbound_operator.controller import Controller, ControllerSettings, NamespaceState
 from outbound_operator.kubeapi import KubeApi
 from outbound_operator.metrics import OperatorMetrics, ReconcileResult
 from outbound_operator.namespaces import ServeSettings
-from outbound_operator.resources import RENDERED_LABELS
+from outbound_operator.resources import RENDERED_LABELS, REVISION_ANNOTATION
+from outbound_relay.config import parse_config
 from tests.operator.cluster import Objects
 from tests.operator.test_operator_reconcile import spec
 
@@ -120,6 +122,47 @@ async def test_referenced_secrets_are_reread_periodically(
     controller.start()
     await until(lambda: "password" not in objects.rendered_policies()[f"{ns}/p"])
     objects.wait_condition("p", "SecretMissing", "True")
+
+
+async def test_the_revision_grows_with_the_content_and_is_the_same_in_secret_config_and_metric(
+    objects: Objects, make_controller: MakeController
+) -> None:
+    ns = objects.namespace
+    objects.put_secret("a", {"password": "pw-a"})
+    objects.apply_policy("p", spec(None, "a"))
+    controller = make_controller()
+
+    def revision() -> tuple[str, str, float | None]:
+        secret = objects.rendered()
+        assert secret is not None
+        config = parse_config(objects.relay_yaml())  # the relay's own reading
+        exported = controller.metrics.registry.get_sample_value(
+            "outbound_operator_config_revision_info",
+            {"config_namespace": ns, "revision": config.revision or ""},
+        )
+        return secret["metadata"]["annotations"][REVISION_ANNOTATION], config.revision or "", exported
+
+    assert await controller.reconcile(ns) is ReconcileResult.WRITTEN
+    assert revision() == ("1", "1", 1.0)
+    assert await controller.reconcile(ns) is ReconcileResult.UNCHANGED  # same content: same revision
+    assert revision() == ("1", "1", 1.0)
+    objects.put_secret("a", {"password": "pw-a2"})
+    controller.secret_changed(ns, "a", {"data": {"password": "cHctYTI="}}, deleted=False)
+    assert await controller.reconcile(ns) is ReconcileResult.WRITTEN
+    assert revision() == ("2", "2", 1.0)
+    text = generate_latest(controller.metrics.registry).decode()
+    assert text.count("outbound_operator_config_revision_info{") == 1  # the old revision's series is gone
+    # A new operator (a restart, another replica) continues from the Secret in place.
+    again = make_controller()
+    assert await again.reconcile(ns) is ReconcileResult.UNCHANGED
+    assert (
+        again.metrics.registry.get_sample_value(
+            "outbound_operator_config_revision_info", {"config_namespace": ns, "revision": "2"}
+        )
+        == 1.0
+    )
+    again.forget(ns)
+    assert "outbound_operator_config_revision_info{" not in generate_latest(again.metrics.registry).decode()
 
 
 def test_resync_is_a_setting_of_the_cli() -> None:
