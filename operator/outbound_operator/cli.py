@@ -143,7 +143,9 @@ async def run(args: argparse.Namespace) -> None:
     webhook_settings = webhook.settings_from_args(args)  # None unless --webhook-port is given
     if webhook_settings is not None:
         webhook.register(webhook_settings, registry, api=api_client)
-        uninjected.register(registry, kube, webhook_settings.never_injected)
+        uninjected.register(
+            registry, kube, webhook_settings.never_injected, controller.set_pods_without_sidecar
+        )
     log.info(
         "outbound-operator starting: %s, metrics on %s",
         "all namespaces" if args.all_namespaces else f"namespaces {', '.join(args.namespaces)}",

@@ -162,6 +162,7 @@ class NamespaceState:
     # uid -> (generation, status) last written or confirmed: the watch events our own writes cause.
     confirmed: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     written_digest: str | None = None  # content of the rendered Secret as last written or confirmed
+    pods_without_sidecar: int = 0  # opted-in Pods running without the sidecar (uninjected.py): in status
     dirty: bool = False
     failures: int = 0
     task: asyncio.Task[None] | None = None
@@ -290,6 +291,17 @@ class Controller:
         metadata = body.get("metadata") or {}
         seen = state.confirmed.get(str(metadata.get("uid")))
         return seen is not None and seen == (int(metadata.get("generation", 0)), body.get("status") or {})
+
+    def set_pods_without_sidecar(self, counts: Mapping[str, int]) -> None:
+        """From the periodic scan (uninjected.py): how many opted-in Pods run without the sidecar in each
+        namespace labelled for injection. Shown in the metric and, for namespaces served, in the status of
+        their policies (a namespace whose count changed is reconciled)."""
+        self.metrics.set_pods_without_sidecar(counts)
+        for namespace, count in counts.items():
+            state = self._states.get(namespace)
+            if state is not None and state.pods_without_sidecar != count:
+                state.pods_without_sidecar = count
+                self.touch(namespace)
 
     # --- scheduling -------------------------------------------------------------------------------------
 
@@ -510,7 +522,8 @@ class Controller:
             metadata = body["metadata"]
             verdict = verdicts[metadata["name"]]
             current = body.get("status") or {}
-            new = status_of(verdict, current, now=now)
+            uninjected = state.pods_without_sidecar if plural == POLICY_PLURAL else 0
+            new = status_of(verdict, current, now=now, pods_without_sidecar=uninjected)
             patch = status_patch(new, current)
             # Recorded before patching: the watch event of the patch may arrive before the patch returns.
             state.confirmed[str(metadata.get("uid"))] = (int(metadata.get("generation", 0)), new)

@@ -287,6 +287,10 @@ class PolicyStatus(GroupStatus):
 
     resolved_scope: str | None = None
     """The scope as the relay reads it, e.g. "domain=sparkpost.com" or "global"."""
+    pods_without_sidecar: int | None = Field(default=None, ge=1, json_schema_extra={"format": "int32"})
+    """Pods of this namespace annotated outboundrelay.io/inject: "true" that run without the relay sidecar
+    (admitted while no operator replica answered the injection webhook); their mail fails until they are
+    recreated. Counted every 30 s; absent when there are none."""
 
 
 class OutboundAuthPolicy(CrdModel):
@@ -390,6 +394,7 @@ POLICY_RESOURCE = CustomResource(
         PrinterColumn(name="Type", json_path=".spec.type"),
         PrinterColumn(name="User", json_path=".spec.user"),
         PrinterColumn(name="Ready", json_path=f"{_READY}.status"),
+        PrinterColumn(name="Pods Without Sidecar", json_path=".status.podsWithoutSidecar", type="integer"),
         PrinterColumn(name="Reason", json_path=f"{_READY}.reason", priority=1),
         PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
     ),

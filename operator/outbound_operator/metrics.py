@@ -48,6 +48,14 @@ class OperatorMetrics:
             registry=self.registry,
         )
         self._revisions: dict[str, str] = {}
+        self.pods_without_sidecar = Gauge(
+            "outbound_operator_pods_without_sidecar",
+            "Pods annotated for injection that run without the relay sidecar, per namespace labelled for "
+            "injection (counted every 30 s).",
+            ["config_namespace"],
+            registry=self.registry,
+        )
+        self._uninjected_namespaces: set[str] = set()
         for result in ReconcileResult:
             self.reconciles.labels(result=result.value)
         for kind in POLICY_CONDITIONS:
@@ -75,6 +83,14 @@ class OperatorMetrics:
         if revision is not None:
             self._revisions[namespace] = str(revision)
             self.config_revision.labels(config_namespace=namespace, revision=str(revision)).set(1)
+
+    def set_pods_without_sidecar(self, counts: Mapping[str, int]) -> None:
+        """One series per namespace labelled for injection; a namespace no longer labelled loses its own."""
+        for namespace in self._uninjected_namespaces - counts.keys():
+            self.pods_without_sidecar.remove(namespace)
+        for namespace, count in counts.items():
+            self.pods_without_sidecar.labels(config_namespace=namespace).set(count)
+        self._uninjected_namespaces = set(counts)
 
     def clear_revisions(self) -> None:
         """Forget every namespace's revision: a replica that stops writing (no longer the leader) must not

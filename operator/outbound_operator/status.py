@@ -12,7 +12,9 @@ from typing import Any
 from outbound_operator.render import Verdict
 
 
-def status_of(verdict: Verdict, current: Mapping[str, Any] | None, *, now: str) -> dict[str, Any]:
+def status_of(
+    verdict: Verdict, current: Mapping[str, Any] | None, *, now: str, pods_without_sidecar: int = 0
+) -> dict[str, Any]:
     """The full status; a condition keeps its lastTransitionTime while its status stays the same."""
     old: dict[str, Mapping[str, Any]] = {}
     for item in (current or {}).get("conditions") or ():
@@ -36,6 +38,8 @@ def status_of(verdict: Verdict, current: Mapping[str, Any] | None, *, now: str) 
     result: dict[str, Any] = {"observedGeneration": verdict.generation, "conditions": conditions}
     if verdict.resolved_scope is not None:
         result["resolvedScope"] = verdict.resolved_scope
+    if pods_without_sidecar:
+        result["podsWithoutSidecar"] = pods_without_sidecar
     return result
 
 

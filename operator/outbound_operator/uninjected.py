@@ -6,6 +6,8 @@ restart, an upgrade, a node drain) is admitted as written, without the relay, an
 it serves the webhook and then periodically, in every namespace labelled for injection, for Pods that
 carry `outboundrelay.io/inject: "true"` but no sidecar, and reports each one once: a Warning Event
 `SidecarNotInjected` on the Pod (`kubectl describe pod`, `kubectl get events`) and a log line naming it.
+How many each namespace has now is a metric (`outbound_operator_pods_without_sidecar`) and a column of
+`kubectl get outboundauthpolicies` (status.podsWithoutSidecar of every policy in the namespace).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import kopf
@@ -40,19 +43,33 @@ async def _items(call: Callable[..., Any], *args: Any, **kwargs: Any) -> list[di
     return list(json.loads(response.data).get("items") or [])
 
 
-async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> list[str]:
-    """Report every opted-in Pod without the sidecar not reported yet; return their namespace/name."""
+@dataclass(frozen=True)
+class Scan:
+    reported: list[str]  # namespace/name of the Pods reported by this pass (each Pod is reported once)
+    counts: dict[str, int] = field(default_factory=dict)  # labelled namespace -> such Pods running now
+
+
+async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> Scan:
+    """Report every opted-in Pod without the sidecar not reported yet, and count them all per namespace.
+    `reported` (Pod uids) is trimmed to the Pods still there, so it does not grow forever."""
     labelled = await _items(kube.core.list_namespace, label_selector=f"{NAMESPACE_LABEL}=enabled")
     found = []
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
     for namespace in labelled:
         name = namespace["metadata"]["name"]
         if name in excluded:
             continue
+        counts[name] = 0
         for pod in await _items(kube.core.list_namespaced_pod, name):
             meta = pod["metadata"]
-            if meta["uid"] in reported or not wants_injection(pod) or is_injected(pod):
+            if not wants_injection(pod) or is_injected(pod):
                 continue
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                continue
+            counts[name] += 1
+            seen.add(meta["uid"])
+            if meta["uid"] in reported:
                 continue
             involved = {"apiVersion": "v1", "kind": "Pod", "namespace": name, "name": meta["name"]}
             await kube.post_event(
@@ -61,11 +78,18 @@ async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> 
             reported.add(meta["uid"])
             found.append(f"{name}/{meta['name']}")
             log.warning("Pod %s/%s opted in but runs without the outbound-relay sidecar", name, meta["name"])
-    return found
+    reported &= seen
+    return Scan(reported=found, counts=counts)
 
 
-def register(registry: kopf.OperatorRegistry, kube: KubeApi, excluded: Collection[str]) -> None:
-    """Scan in the background while the operator (and so its webhook) runs."""
+def register(
+    registry: kopf.OperatorRegistry,
+    kube: KubeApi,
+    excluded: Collection[str],
+    publish: Callable[[dict[str, int]], None] = lambda counts: None,
+) -> None:
+    """Scan in the background while the operator (and so its webhook) runs; `publish` gets each pass's
+    counts (the metric and the policies' status)."""
     tasks: list[asyncio.Task[None]] = []
 
     async def loop() -> None:
@@ -73,7 +97,7 @@ def register(registry: kopf.OperatorRegistry, kube: KubeApi, excluded: Collectio
         await asyncio.sleep(FIRST_SCAN_SECONDS)
         while True:
             try:
-                await scan(kube, excluded, reported)
+                publish((await scan(kube, excluded, reported)).counts)
             except Exception:  # an API hiccup: the next pass tries again
                 log.exception("looking for Pods without the sidecar failed")
             await asyncio.sleep(SCAN_SECONDS)

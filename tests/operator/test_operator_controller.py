@@ -165,6 +165,29 @@ async def test_the_revision_grows_with_the_content_and_is_the_same_in_secret_con
     assert "outbound_operator_config_revision_info{" not in generate_latest(again.metrics.registry).decode()
 
 
+async def test_pods_without_sidecar_show_in_the_policies_status_their_column_and_a_metric(
+    objects: Objects, make_controller: MakeController, control_plane: Any
+) -> None:
+    ns = objects.namespace
+    objects.put_secret("a", {"password": "pw-a"})
+    objects.apply_policy("p", spec(None, "a"))
+    controller = make_controller()
+    await controller.reconcile(ns)
+    assert "podsWithoutSidecar" not in objects.policy("p")["status"]
+    controller.set_pods_without_sidecar({ns: 3, "other": 0})  # as the periodic scan reports them
+    await controller.reconcile(ns)
+    assert objects.policy("p")["status"]["podsWithoutSidecar"] == 3
+    table = control_plane.kubectl("get", "oap", "-n", ns).splitlines()
+    assert table[0].split()[5:8] == ["PODS", "WITHOUT", "SIDECAR"] and table[1].split()[5] == "3", table
+    sample = controller.metrics.registry.get_sample_value
+    assert sample("outbound_operator_pods_without_sidecar", {"config_namespace": ns}) == 3.0
+    assert sample("outbound_operator_pods_without_sidecar", {"config_namespace": "other"}) == 0.0
+    controller.set_pods_without_sidecar({ns: 0})  # recreated with the sidecar; "other" no longer labelled
+    await controller.reconcile(ns)
+    assert "podsWithoutSidecar" not in objects.policy("p")["status"]
+    assert sample("outbound_operator_pods_without_sidecar", {"config_namespace": "other"}) is None
+
+
 def test_resync_is_a_setting_of_the_cli() -> None:
     from outbound_operator import cli
 

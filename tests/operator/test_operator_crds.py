@@ -144,7 +144,8 @@ def test_valid_policy_is_admitted_with_defaults(objects: Objects) -> None:
 def test_short_name_and_printer_columns(objects: Objects, control_plane: Any) -> None:
     objects.apply_policy("sparkpost", VALID)
     table = control_plane.kubectl("get", "oap", "-n", objects.namespace)
-    assert table.split("\n")[0].split() == ["NAME", "SCOPE", "TYPE", "USER", "READY", "AGE"]
+    header = ["NAME", "SCOPE", "TYPE", "USER", "READY", "PODS", "WITHOUT", "SIDECAR", "AGE"]
+    assert table.split("\n")[0].split() == header
     assert table.split("\n")[1].split()[:3] == ["sparkpost", "PLAIN", "sparkpost"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import pytest
@@ -14,6 +15,14 @@ from outbound_operator.webhook import WebhookSettings
 from tests.webhook.conftest import make_pod
 
 pytestmark = pytest.mark.cluster
+
+
+async def until_gone(core: client.CoreV1Api, namespace: str, name: str) -> None:
+    for _ in range(300):
+        if name not in {p.metadata.name for p in core.list_namespaced_pod(namespace).items if p.metadata}:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"Pod {name} still there")
 
 
 def _events(core: client.CoreV1Api, namespace: str, reason: str) -> list[str]:
@@ -35,11 +44,20 @@ async def test_opted_in_pods_without_the_sidecar_are_reported_once(
     reported: set[str] = set()
 
     # Only namespaces labelled for injection are looked at.
-    assert await scan(kube, (), reported) == []
+    assert (await scan(kube, (), reported)).reported == []
     core.patch_namespace(namespace, {"metadata": {"labels": {NAMESPACE_LABEL: "enabled"}}})
-    assert await scan(kube, (), reported) == [f"{namespace}/missed"]
+    found = await scan(kube, (), reported)
+    assert found.reported == [f"{namespace}/missed"]
+    assert found.counts[namespace] == 1
     assert _events(core, namespace, REASON) == ["missed"]
-    # Once per Pod, and never in an excluded namespace.
-    assert await scan(kube, (), reported) == []
-    assert await scan(kube, (namespace,), set()) == []
+    # Reported once per Pod, but counted at every pass while it runs; never in an excluded namespace.
+    again = await scan(kube, (), reported)
+    assert (again.reported, again.counts[namespace]) == ([], 1)
+    excluded = await scan(kube, (namespace,), set())
+    assert (excluded.reported, namespace in excluded.counts) == ([], False)
     assert _events(core, namespace, REASON) == ["missed"]
+    # Gone: no longer counted, and forgotten (a Pod of the same name later is a new Pod).
+    core.delete_namespaced_pod("missed", namespace, grace_period_seconds=0)
+    await until_gone(core, namespace, "missed")
+    assert (await scan(kube, (), reported)).counts[namespace] == 0
+    assert reported == set()
