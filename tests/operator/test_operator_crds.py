@@ -189,6 +189,21 @@ def dry_run(objects: Objects, plural: str, kind: str, spec: dict[str, Any]) -> s
 SCOPES = [{}, {"binding": "b"}, {"bindingGroup": "g"}, {"binding": "b", "bindingGroup": "g"}]
 
 
+def api_server_and_model_agree(objects: Objects, spec: dict[str, Any]) -> bool:
+    """Whether the API server admits `spec` (a dry run), after checking the model decides the same and,
+    for a refusal, says each thing the API server says. True when admitted."""
+    refused = dry_run(objects, POLICY_PLURAL, POLICY_KIND, spec)
+    parsed = parse_policy_spec(spec)
+    if refused is None:
+        assert not isinstance(parsed, InvalidSpec), (spec, parsed)
+        return True
+    assert isinstance(parsed, InvalidSpec), (spec, refused)
+    for error in parsed.errors:
+        for message in error.split(": ", 1)[1].split("; "):
+            assert message in refused, (spec, message, refused)
+    return False
+
+
 @pytest.mark.parametrize("scope", SCOPES, ids=["global", "binding", "group", "binding-and-group"])
 def test_cel_rules_and_the_models_rules_agree(objects: Objects, scope: dict[str, str]) -> None:
     """Every combination of the fields the CEL rules name: the API server admits a spec exactly when the
@@ -202,16 +217,7 @@ def test_cel_rules_and_the_models_rules_agree(objects: Objects, scope: dict[str,
             spec |= {key: value for (key, value), on in zip(fields.items(), present, strict=True) if on}
             if auth_type is not None:
                 spec["type"] = auth_type
-            refused = dry_run(objects, POLICY_PLURAL, POLICY_KIND, spec)
-            parsed = parse_policy_spec(spec)
-            if refused is None:
-                admitted += 1
-                assert not isinstance(parsed, InvalidSpec), (spec, parsed)
-            else:
-                assert isinstance(parsed, InvalidSpec), (spec, refused)
-                for error in parsed.errors:
-                    for message in error.split(": ", 1)[1].split("; "):
-                        assert message in refused, (spec, message, refused)
+            admitted += api_server_and_model_agree(objects, spec)
     # Per scope: without oauth2, 3 user choices (none, user, userSecretRef) x 2 x 4 types; with oauth2, the
     # 3 user choices with type XOAUTH2 and no passwordSecretRef.
     assert admitted == (0 if "binding" in scope and "bindingGroup" in scope else 3 * 2 * 4 + 3)
@@ -226,16 +232,7 @@ def test_oauth2_rules_and_the_models_rules_agree(objects: Objects) -> None:
         oauth2: dict[str, Any] = {"tokenURL": "https://login.example/token"}
         oauth2 |= {key: value for (key, value), on in zip(fields.items(), present, strict=True) if on}
         spec = {"type": "XOAUTH2", "oauth2": oauth2}
-        refused = dry_run(objects, POLICY_PLURAL, POLICY_KIND, spec)
-        parsed = parse_policy_spec(spec)
-        if refused is None:
-            admitted += 1
-            assert not isinstance(parsed, InvalidSpec), (spec, parsed)
-        else:
-            assert isinstance(parsed, InvalidSpec), (spec, refused)
-            for error in parsed.errors:
-                for message in error.split(": ", 1)[1].split("; "):
-                    assert message in refused, (spec, message, refused)
+        admitted += api_server_and_model_agree(objects, spec)
     assert admitted == 3  # client id with a secret, a refresh token, or both
 
 

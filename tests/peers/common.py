@@ -1,5 +1,5 @@
 """What the peers share: loopback ports, a directory daemons can read, readiness and clean stops, and
-`DaemonPeer`, the lifecycle of a daemon run as our child (Dovecot, Postfix)."""
+`DaemonPeer`, the lifecycle of a daemon run as our child (Dovecot, Postfix, Hydra)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,8 @@ class DaemonPeer:
     greets on host:port, and a stop that leaves nothing behind; use as a context manager.
 
     Subclasses set `name` (working directory names) and `title` (error messages), define `log_file`,
-    and implement `_start()` with `_prepare_workdir()` and `_launch()`.
+    and implement `_start()` with `_prepare_workdir()` and `_launch()`; one that is not an SMTP server
+    overrides `_wait_ready()`.
     """
 
     name = "peer"
@@ -187,24 +188,34 @@ class DaemonPeer:
         check_shared(base, self.tls.cert_file.parent)
         self.dir = base / f"{self.name}-{self.port}"
 
-    def _launch(self, argv: list[str]) -> None:
-        """Run the daemon in the foreground (stdout and stderr to `dir`/stderr.log) and wait for its
-        banner; a PeerError carries the tails of both logs."""
-        output = self._stack.enter_context((self.dir / "stderr.log").open("wb"))
+    @property
+    def stderr_file(self) -> Path:
+        return self.dir / "stderr.log"
+
+    def _launch(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        """Run the daemon in the foreground (stdout and stderr to `stderr_file`) and wait until it is
+        ready; a PeerError carries the tails of its logs."""
+        output = self._stack.enter_context(self.stderr_file.open("wb"))
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
             start_new_session=True,
         )
         try:
-            wait_for_banner(self.port, self._startup_timeout, alive=self._proc, host=self.host)
+            self._wait_ready(self._proc)
         except PeerError as exc:
-            raise PeerError(
-                f"{self.title} did not start: {exc}\n--- stderr:\n{log_tail(self.dir / 'stderr.log')}"
-                f"\n--- log:\n{log_tail(self.log_file)}"
-            ) from None
+            logs = f"\n--- stderr:\n{log_tail(self.stderr_file)}"
+            if self.log_file != self.stderr_file:
+                logs += f"\n--- log:\n{log_tail(self.log_file)}"
+            raise PeerError(f"{self.title} did not start: {exc}{logs}") from None
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        """Until the daemon greets with 220 on host:port (PeerError if it exits or times out)."""
+        wait_for_banner(self.port, self._startup_timeout, alive=proc, host=self.host)
 
     def stop(self) -> None:
         if self._proc is not None:

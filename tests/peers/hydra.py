@@ -19,15 +19,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx2 as httpx
 
-from tests.peers.certs import TLSFiles, make_tls_files
-from tests.peers.common import HOST, PeerError, check_shared, free_port, log_tail, shared_workdir
-from tests.peers.common import stop_process_group as stop_group
+from tests.peers.certs import TLSFiles
+from tests.peers.common import HOST, DaemonPeer, PeerError, free_port, log_tail
 
 REPO = Path(__file__).resolve().parents[2]
 CONTROL_PLANE = REPO / "hack" / "control-plane"
@@ -53,8 +51,12 @@ class Client:
     secret: str
 
 
-class Hydra:
-    """One private Hydra (`serve all --dev`, DSN=memory) on free ports of 127.0.0.1."""
+class Hydra(DaemonPeer):
+    """One private Hydra (`serve all --dev`, DSN=memory) on free ports of 127.0.0.1: `port` is the public
+    (HTTPS) one."""
+
+    name = "hydra"
+    title = "Hydra"
 
     def __init__(
         self,
@@ -64,18 +66,15 @@ class Hydra:
         access_token_ttl: int = 4,
         startup_timeout: float = 120,
     ) -> None:
+        super().__init__(HOST, free_port(), workdir, tls, startup_timeout)
         self.access_token_ttl = access_token_ttl
-        self.public_port = free_port()
         self.admin_port = free_port()
-        self._workdir_arg = workdir
-        self._tls_arg = tls
-        self._startup_timeout = startup_timeout
-        self._stack = contextlib.ExitStack()
-        self._proc: subprocess.Popen[bytes] | None = None
-        self.dir = Path()
-        self.tls: TLSFiles | None = None
 
     # -- what tests use -------------------------------------------------------------------------
+
+    @property
+    def public_port(self) -> int:
+        return self.port
 
     @property
     def public_url(self) -> str:
@@ -95,13 +94,8 @@ class Hydra:
         return f"{self.admin_url}/admin/oauth2/introspect"
 
     @property
-    def ca_file(self) -> Path:
-        assert self.tls is not None, "not started"
-        return self.tls.ca_file
-
-    @property
     def log_file(self) -> Path:
-        return self.dir / "hydra.log"
+        return self.stderr_file  # Hydra logs (JSON) to stdout
 
     def create_client(self, *, user_flow: bool = False, scopes: tuple[str, ...] = ("smtp",)) -> Client:
         """A confidential client: client_credentials, or (`user_flow`) authorization_code with
@@ -188,28 +182,10 @@ class Hydra:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-
     def _start(self) -> None:
         binary = hydra_binary()
-        base = self._workdir_arg or self._stack.enter_context(shared_workdir("outbound-relay-hydra-"))
-        self.tls = self._tls_arg or make_tls_files(base / "tls")
-        check_shared(base)
-        self.dir = base / f"hydra-{self.public_port}"
+        self._prepare_workdir()
+        assert self.tls is not None
         self.dir.mkdir(mode=0o755, parents=True)
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -235,33 +211,7 @@ class Hydra:
             "LOG_LEVEL": "info",
             "LOG_FORMAT": "json",
         }
-        output = self._stack.enter_context(self.log_file.open("wb"))
-        self._proc = subprocess.Popen(
-            [str(binary), "serve", "all", "--dev"],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.dir,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + self._startup_timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise PeerError(f"Hydra exited with {self._proc.returncode}:\n{log_tail(self.log_file)}")
-            # Both listeners, the public one over TLS.
-            with contextlib.suppress(httpx.HTTPError, ssl.SSLError):
-                admin = httpx.get(f"{self.admin_url}/health/ready", timeout=2, trust_env=False)
-                public = httpx.get(
-                    f"{self.public_url}/health/ready", timeout=2, verify=self._client_tls(), trust_env=False
-                )
-                if admin.status_code == public.status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise PeerError(
-                    f"Hydra not ready within {self._startup_timeout}s:\n{log_tail(self.log_file)}"
-                )
-            time.sleep(0.1)
+        self._launch([str(binary), "serve", "all", "--dev"], env=env, cwd=self.dir)
         # Hydra makes its RSA signing keys at the first token request of each flow: seconds of CPU (tens
         # on a loaded machine), and a request that takes Hydra over 10 s (its HTTP write timeout) ends in
         # a cut connection (a TLS "bad record MAC"). Pay that here, not in a test that times tokens.
@@ -276,11 +226,22 @@ class Hydra:
                 if time.monotonic() > deadline:
                     raise PeerError(f"Hydra issues no token: {error}\n{log_tail(self.log_file)}") from None
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            stop_group(self._proc)
-            self._proc = None
-        self._stack.close()
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        """Until both listeners answer /health/ready, the public one over TLS."""
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise PeerError(f"Hydra exited with {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError, ssl.SSLError):
+                admin = httpx.get(f"{self.admin_url}/health/ready", timeout=2, trust_env=False)
+                public = httpx.get(
+                    f"{self.public_url}/health/ready", timeout=2, verify=self._client_tls(), trust_env=False
+                )
+                if admin.status_code == public.status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise PeerError(f"not ready within {self._startup_timeout}s")
+            time.sleep(0.1)
 
     def _client_tls(self) -> ssl.SSLContext:
         assert self.tls is not None, "not started"
