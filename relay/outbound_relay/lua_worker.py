@@ -229,6 +229,16 @@ class WorkerProcess:
             self.proc.kill()
 
 
+def check_scripts(scripts: Sequence[LuaScript], timeout_ms: int) -> tuple[str, ...]:
+    """Load the files exactly as the relay does when a config loads (a worker process: compiled in the
+    sandbox, top level run under its CPU and memory limits, one file at a time and then together), then
+    stop the worker; the hook names. Blocking. Raises WorkerStartError, naming the file that failed when
+    `in_files`. The operator checks hooks with it before rendering them."""
+    worker = WorkerProcess.start(scripts, timeout_ms, validate=True)
+    _reap(worker.proc)
+    return worker.hooks
+
+
 def _reap(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
