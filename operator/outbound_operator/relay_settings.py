@@ -76,13 +76,14 @@ def lua_refs(spec: SettingsSpec) -> tuple[ConfigMapKeyRef, ...]:
     return tuple(item.config_map_ref for item in (hooks.lua or ())) if hooks is not None else ()
 
 
-def hook_key(ref: ConfigMapKeyRef) -> str:
+def hook_key(ref: ConfigMapKeyRef, *, hashed: bool = False) -> str:
     """The rendered Secret's key for a hook: `hook-<ConfigMap>-<key>`, with `.lua` added when the key
-    lacks it (ConfigMap names and keys are valid Secret-key characters already). A name past a Secret
-    key's 253 characters is shortened to a digest of the reference."""
+    lacks it (ConfigMap names and keys are valid Secret-key characters already). `hashed`, or past a
+    Secret key's 253 characters: `hook-<digest of the reference>.lua` (two references can spell the
+    same name: ConfigMap a-b key c, ConfigMap a key b-c)."""
     key = f"{HOOK_KEY_PREFIX}{ref.name}-{ref.key}"
     key = key if key.endswith(".lua") else f"{key}.lua"
-    if len(key) > MAX_HOOK_KEY:
+    if hashed or len(key) > MAX_HOOK_KEY:
         digest = hashlib.sha256(f"{ref.name}\0{ref.key}".encode()).hexdigest()[:16]
         key = f"{HOOK_KEY_PREFIX}{digest}.lua"
     return key
@@ -120,6 +121,8 @@ def collect_hooks(
     for i, ref in enumerate(lua_refs(spec)):
         where = f"spec.hooks.lua[{i}]"
         key = hook_key(ref)
+        if key in seen and seen[key] != ref:
+            key = hook_key(ref, hashed=True)
         if key in seen:
             problems.append(
                 Problem(
