@@ -228,6 +228,7 @@ class Controller:
         self._resync: asyncio.Task[None] | None = None
         self._serves: Callable[[str], bool] = lambda _namespace: True
         self.hooks = HookChecker()
+        self._settings_crd_missing_logged = False
 
     def gate(self, serves: Callable[[str], bool]) -> None:
         """Render only the namespaces for which `serves` is true (namespaces.py decides); events of any
@@ -430,7 +431,7 @@ class Controller:
         policy_bodies, group_bodies, settings_bodies, current = await asyncio.gather(
             self.api.list_custom(namespace, POLICY_PLURAL),
             self.api.list_custom(namespace, GROUP_PLURAL),
-            self.api.list_custom(namespace, SETTINGS_PLURAL),
+            self._list_settings(namespace),
             self.api.read_rendered(namespace),
         )
         policy_bodies, group_bodies = _live(policy_bodies), _live(group_bodies)
@@ -505,6 +506,22 @@ class Controller:
             elapsed,
         )
         return result
+
+    async def _list_settings(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's OutboundRelaySettings; none while that CRD is not installed (a chart upgrade
+        does not update CRDs: until `kubectl apply -f crds/`, policies keep rendering without settings)."""
+        try:
+            return await self.api.list_custom(namespace, SETTINGS_PLURAL)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            if not self._settings_crd_missing_logged:
+                self._settings_crd_missing_logged = True
+                log.warning(
+                    "the %s CRD is not installed (apply crds/); rendering without relay settings",
+                    SETTINGS_KIND,
+                )
+            return []
 
     async def _render_settings(
         self,

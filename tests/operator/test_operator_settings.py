@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from outbound_operator.resources import RENDERED_SECRET, SETTINGS_PLURAL
 from outbound_relay.config import load_config
-from tests.operator.cluster import Objects, call_json
+from tests.operator.cluster import REPO, Objects, call_json
 from tests.operator.conftest import StartOperator
 from tests.operator.kubelet import projected_secret
 from tests.operator.test_operator_delivery import relay_on, upstream_settings
@@ -106,7 +107,7 @@ async def test_a_broken_hook_keeps_the_last_good_one_in_force(
     )
     objects.put_config_map("relay-hooks", {"auth.lua": SEED_LUA})
     objects.apply_settings(HOOKS_SPEC)
-    start_operator()
+    operator = start_operator()
     await asyncio.to_thread(settings_condition, objects, "Ready", "True")
     assert objects.rendered_data()[HOOK_KEY] == SEED_LUA.encode()
 
@@ -131,7 +132,8 @@ async def test_a_broken_hook_keeps_the_last_good_one_in_force(
     assert any(reason == "HookInvalid" and "relay-hooks/auth.lua:4:" in text for _, reason, text in warnings)
 
     # A file that compiles but registers no hook fails as it would in the relay.
-    objects.put_config_map("relay-hooks", {"auth.lua": "local x = 1\n"})
+    # Its top level's print is not logged by the operator (a hook may print a token).
+    objects.put_config_map("relay-hooks", {"auth.lua": "print('top-level-marker')\nlocal x = 1\n"})
     await asyncio.to_thread(
         objects.wait_for_message, "default", "registers no outbound_smtp_auth_config hook", SETTINGS_PLURAL
     )
@@ -142,6 +144,7 @@ async def test_a_broken_hook_keeps_the_last_good_one_in_force(
     await asyncio.to_thread(settings_condition, objects, "Ready", "True")
     await _wait_rendered(objects, fixed)
     assert objects.condition("default", "Invalid", plural=SETTINGS_PLURAL)["status"] == "False"
+    assert "top-level-marker" not in operator.logs()
 
 
 async def _wait_rendered(objects: Objects, source: str) -> None:
@@ -237,3 +240,28 @@ async def test_limits_timeouts_and_binding_reach_relay_yaml(
     async with asyncio.timeout(30):
         while objects.rendered() is not None:
             await asyncio.sleep(0.05)
+
+
+EXAMPLE = REPO / "docs" / "examples" / "hooks.yaml"
+
+
+def test_the_docs_example_holds_the_seed_hook_verbatim_and_is_shown_in_hooks_md() -> None:
+    config_map = next(yaml.safe_load_all(EXAMPLE.read_text()))
+    assert config_map["data"]["auth.lua"] == SEED_LUA
+    text = EXAMPLE.read_text()
+    assert f"`docs/examples/hooks.yaml`:\n```yaml\n{text}```" in (REPO / "docs" / "hooks.md").read_text()
+
+
+def test_the_docs_example_applies_and_renders(
+    objects: Objects, start_operator: StartOperator, control_plane: Any
+) -> None:
+    """docs/hooks.md's example, as a reader applies it: `kubectl apply -f docs/examples/hooks.yaml`."""
+    control_plane.kubectl("apply", "-n", objects.namespace, "-f", str(EXAMPLE))
+    start_operator()
+    settings_condition(objects, "Ready", "True")
+    objects.wait_condition("office365", "Ready", "True")
+    relay_yaml = objects.relay_yaml()
+    assert relay_yaml["hooks"] == {"lua": [HOOK_KEY], "timeoutMs": 50}
+    assert objects.rendered_data()[HOOK_KEY] == SEED_LUA.encode()
+    listed = control_plane.kubectl("get", "ors", "-n", objects.namespace).split("\n")[1].split()
+    assert listed[:4] == ["default", "True", "Rendered", f'["{HOOK_KEY}"]']
