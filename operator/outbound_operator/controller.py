@@ -1,9 +1,11 @@
 """Keep each namespace's rendered Secret and its policies' status in line with the cluster.
 
-kopf's watch events only say *which namespace* changed (and keep the Secret cache and the index of
-referenced Secrets current); a reconciliation then lists that namespace's policies and binding groups,
-renders them (render.py) and writes what differs. Bursts of events (a `kubectl apply` of many objects, an
-operator start) are coalesced into one reconciliation per namespace, and namespaces reconcile concurrently.
+kopf's watch events only say *which namespace* changed (and keep the Secret and ConfigMap caches and the
+indexes of referenced Secrets and ConfigMaps current); a reconciliation then lists that namespace's
+policies, binding groups and OutboundRelaySettings, checks the settings' Lua hooks (hook_check.py),
+renders them all (render.py, relay_settings.py) and writes what differs. Bursts of events (a
+`kubectl apply` of many objects, an operator start) are coalesced into one reconciliation per namespace,
+and namespaces reconcile concurrently.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from outbound_operator.crd_models import SettingsSpec
+from outbound_operator.hook_check import HookChecker
 from outbound_operator.kubeapi import ConflictError, KubeApi, RenderedSecret, decode_secret_data, now_rfc3339
 from outbound_operator.metrics import OperatorMetrics, ReconcileResult
+from outbound_operator.relay_settings import SettingsSource, collect_hooks, render_settings
 from outbound_operator.render import (
     BindingGroupSource,
     PolicySource,
     Rendering,
+    SettingsPart,
     Verdict,
     not_written,
     render_namespace,
@@ -44,8 +50,11 @@ from outbound_operator.resources import (
     RENDERED_LABELS,
     RENDERED_SECRET,
     REVISION_ANNOTATION,
+    SETTINGS_KIND,
+    SETTINGS_PLURAL,
 )
 from outbound_operator.status import readiness_event, status_of, status_patch
+from outbound_relay.config import Hooks
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +79,9 @@ class ControllerSettings:
     410 Gone relist, kopf sends no DELETED for a Secret that vanished meanwhile, so without this a deleted
     password could stay rendered for as long as the operator runs."""
 
+
+DEFAULT_HOOK_TIMEOUT_MS = Hooks().timeout_ms
+"""relay.yaml's hooks.timeoutMs when an OutboundRelaySettings sets none: the Lua check uses the same."""
 
 MAX_SECRET_BYTES = 1024 * 1024
 """The API server refuses a Secret whose values add up to more than 1 MiB."""
@@ -149,6 +161,15 @@ def stamped(data: Mapping[str, bytes], revision: int) -> dict[str, bytes]:
     return {**data, CONFIG_KEY: data[CONFIG_KEY] + f'revision: "{revision}"\n'.encode()}
 
 
+def _config_map_data(body: Mapping[str, Any]) -> dict[str, str]:
+    """A ConfigMap's text keys (`data`); a hook must be text, so `binaryData` is not read."""
+    return {str(key): str(value) for key, value in (body.get("data") or {}).items()}
+
+
+def _ours(current: RenderedSecret) -> bool:
+    return current.labels.get(MANAGED_BY_LABEL) == MANAGER
+
+
 def _live(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Objects being deleted no longer count: their scope and bindings are released at once."""
     return [item for item in items if not (item.get("metadata") or {}).get("deletionTimestamp")]
@@ -161,6 +182,8 @@ class NamespaceState:
     secrets: dict[str, dict[str, bytes] | None] = field(default_factory=dict)  # None: known to be missing
     # uid -> (generation, status) last written or confirmed: the watch events our own writes cause.
     confirmed: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    config_map_refs: frozenset[str] = frozenset()  # ConfigMaps the OutboundRelaySettings reads
+    config_maps: dict[str, dict[str, str] | None] = field(default_factory=dict)  # None: known missing
     written_digest: str | None = None  # content of the rendered Secret as last written or confirmed
     pods_without_sidecar: int = 0  # opted-in Pods running without the sidecar (uninjected.py): in status
     dirty: bool = False
@@ -179,6 +202,11 @@ class NamespaceState:
         """All policies' references at once (a reconciliation's fresh list)."""
         self.refs = {policy: names for policy, names in refs.items() if names}
         self._refs_changed()
+
+    def set_config_map_refs(self, names: frozenset[str]) -> None:
+        self.config_map_refs = names
+        for name in [name for name in self.config_maps if name not in names]:
+            del self.config_maps[name]  # its events are dropped from now on: the cached value would go stale
 
     def _refs_changed(self) -> None:
         self.referenced = frozenset().union(*self.refs.values())
@@ -199,6 +227,8 @@ class Controller:
         self._closed = False
         self._resync: asyncio.Task[None] | None = None
         self._serves: Callable[[str], bool] = lambda _namespace: True
+        self.hooks = HookChecker()
+        self._settings_crd_missing_logged = False
 
     def gate(self, serves: Callable[[str], bool]) -> None:
         """Render only the namespaces for which `serves` is true (namespaces.py decides); events of any
@@ -235,9 +265,10 @@ class Controller:
         """Forget the cached referenced Secrets of `namespace` and reconcile: they are read anew, so one
         deleted or changed without a watch event (missed across a relist) is seen."""
         state = self._states.get(namespace)
-        if state is None or not state.referenced:
+        if state is None or not (state.referenced or state.config_map_refs):
             return
         state.secrets.clear()
+        state.config_maps.clear()
         self.touch(namespace)
 
     def _state(self, namespace: str) -> NamespaceState:
@@ -251,6 +282,32 @@ class Controller:
             return True
         state = self._states.get(namespace)
         return state is not None and name in state.referenced
+
+    def watches_config_map(self, namespace: str, name: str) -> bool:
+        """The ConfigMap index: only those the namespace's OutboundRelaySettings reads are of interest."""
+        state = self._states.get(namespace)
+        return state is not None and name in state.config_map_refs
+
+    def config_map_changed(
+        self, namespace: str, name: str, body: Mapping[str, Any], *, deleted: bool
+    ) -> None:
+        if not self._serves(namespace):
+            return
+        state = self._state(namespace)
+        if name in state.config_map_refs:
+            state.config_maps[name] = None if deleted else _config_map_data(body)
+            self.touch(namespace)
+
+    def settings_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool) -> None:
+        if not self._serves(namespace):
+            return
+        state = self._state(namespace)
+        source = SettingsSource.from_body(body)
+        if source.named_default:
+            state.set_config_map_refs(frozenset() if deleted else source.config_maps())
+        if not deleted and self._caused_by_us(state, body):
+            return
+        self.touch(namespace)
 
     def policy_changed(self, namespace: str, body: Mapping[str, Any], *, deleted: bool) -> None:
         if not self._serves(namespace):
@@ -371,18 +428,25 @@ class Controller:
     async def reconcile(self, namespace: str) -> ReconcileResult:
         started = time.perf_counter()
         state = self._state(namespace)
-        policy_bodies, group_bodies = await asyncio.gather(
-            self.api.list_custom(namespace, POLICY_PLURAL), self.api.list_custom(namespace, GROUP_PLURAL)
+        policy_bodies, group_bodies, settings_bodies, current = await asyncio.gather(
+            self.api.list_custom(namespace, POLICY_PLURAL),
+            self.api.list_custom(namespace, GROUP_PLURAL),
+            self._list_settings(namespace),
+            self.api.read_rendered(namespace),
         )
         policy_bodies, group_bodies = _live(policy_bodies), _live(group_bodies)
+        settings_bodies = _live(settings_bodies)
         policies = [PolicySource.from_body(body) for body in policy_bodies]
         state.replace_refs({policy.name: _read_secrets(policy) for policy in policies})
         await self._load_secrets(namespace, state)
         values = {name: data for name, data in state.secrets.items() if data is not None}
         groups = [BindingGroupSource.from_body(body) for body in group_bodies]
-        rendering = render_namespace(namespace, policies, groups, values)
+        settings = await self._render_settings(namespace, state, settings_bodies, current)
+        rendering = render_namespace(namespace, policies, groups, values, settings)
         try:
-            result = await self._write_rendered(namespace, state, rendering, has_policies=bool(policies))
+            result = await self._write_rendered(
+                namespace, state, rendering, current, has_sources=bool(policies or settings_bodies)
+            )
         except ConflictError:
             raise  # reconciled again at once: the statuses follow from that
         except Exception as error:
@@ -404,12 +468,26 @@ class Controller:
                 group_bodies,
                 not_written(rendering.groups, reason=reason, message=message),
             )
+            await self._write_statuses(
+                namespace,
+                state,
+                SETTINGS_PLURAL,
+                SETTINGS_KIND,
+                settings_bodies,
+                not_written(rendering.settings, reason=reason, message=message),
+            )
             raise
         await self._write_statuses(
             namespace, state, POLICY_PLURAL, POLICY_KIND, policy_bodies, rendering.policies
         )
         await self._write_statuses(namespace, state, GROUP_PLURAL, GROUP_KIND, group_bodies, rendering.groups)
-        live = {str((b.get("metadata") or {}).get("uid")) for b in (*policy_bodies, *group_bodies)}
+        await self._write_statuses(
+            namespace, state, SETTINGS_PLURAL, SETTINGS_KIND, settings_bodies, rendering.settings
+        )
+        live = {
+            str((b.get("metadata") or {}).get("uid"))
+            for b in (*policy_bodies, *group_bodies, *settings_bodies)
+        }
         state.confirmed = {uid: seen for uid, seen in state.confirmed.items() if uid in live}
         self.metrics.set_policies(namespace, rendering.policies)
         self.metrics.reconciles.labels(result=result.value).inc()
@@ -428,6 +506,50 @@ class Controller:
             elapsed,
         )
         return result
+
+    async def _list_settings(self, namespace: str) -> list[dict[str, Any]]:
+        """The namespace's OutboundRelaySettings; none while that CRD is not installed (a chart upgrade
+        does not update CRDs: until `kubectl apply -f crds/`, policies keep rendering without settings)."""
+        try:
+            return await self.api.list_custom(namespace, SETTINGS_PLURAL)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            if not self._settings_crd_missing_logged:
+                self._settings_crd_missing_logged = True
+                log.warning(
+                    "the %s CRD is not installed (apply crds/); rendering without relay settings",
+                    SETTINGS_KIND,
+                )
+            return []
+
+    async def _render_settings(
+        self,
+        namespace: str,
+        state: NamespaceState,
+        bodies: list[dict[str, Any]],
+        current: RenderedSecret | None,
+    ) -> SettingsPart | None:
+        """The OutboundRelaySettings' part of the Secret: its hooks read from their ConfigMaps and loaded
+        by the relay's loader first; the part in place is kept while they fail (relay_settings.py)."""
+        sources = [SettingsSource.from_body(body) for body in bodies]
+        chosen = next((s for s in sources if s.named_default), None)
+        state.set_config_map_refs(chosen.config_maps() if chosen is not None else frozenset())
+        for name in sorted(state.config_map_refs - state.config_maps.keys()):
+            body = await self.api.read_config_map(namespace, name)
+            # A watch event that landed meanwhile wins over this read (as for Secrets).
+            state.config_maps.setdefault(name, None if body is None else _config_map_data(body))
+        if chosen is None:
+            return render_settings(namespace, sources, (), [], None)
+        found = {name: data for name, data in state.config_maps.items() if data is not None}
+        hooks, problems = collect_hooks(namespace, chosen, found)
+        if not problems and hooks and isinstance(chosen.spec, SettingsSpec):
+            timeout = chosen.spec.hooks.timeout_ms if chosen.spec.hooks is not None else None
+            problem = await self.hooks.check(namespace, hooks, timeout or DEFAULT_HOOK_TIMEOUT_MS)
+            if problem is not None:
+                problems.append(problem)
+        previous = current.data if current is not None and _ours(current) else None
+        return render_settings(namespace, sources, hooks, problems, previous)
 
     async def _load_secrets(self, namespace: str, state: NamespaceState) -> None:
         """Fill the cache for every referenced Secret. A watch event that lands meanwhile wins over what a
@@ -450,10 +572,15 @@ class Controller:
                 state.secrets.setdefault(name, None if body is None else decode_secret_data(body.get("data")))
 
     async def _write_rendered(
-        self, namespace: str, state: NamespaceState, rendering: Rendering, *, has_policies: bool
+        self,
+        namespace: str,
+        state: NamespaceState,
+        rendering: Rendering,
+        current: RenderedSecret | None,
+        *,
+        has_sources: bool,
     ) -> ReconcileResult:
-        current = await self.api.read_rendered(namespace)
-        if not has_policies and (current is None or current.labels.get(MANAGED_BY_LABEL) != MANAGER):
+        if not has_sources and (current is None or current.labels.get(MANAGED_BY_LABEL) != MANAGER):
             # Nothing to render, and nothing of ours to delete: a hand-written Secret of that name in a
             # namespace without policies (a relay run by hand) is simply not our business.
             return ReconcileResult.UNCHANGED
@@ -462,7 +589,7 @@ class Controller:
                 f"Secret {namespace}/{RENDERED_SECRET} exists but is not labelled "
                 f"{MANAGED_BY_LABEL}={MANAGER}; delete it (or add the label) to let the operator write it"
             )
-        if not has_policies:
+        if not has_sources:
             # The garbage collector would delete it too (no owner left); deleting now is quicker.
             if current is None:
                 return ReconcileResult.UNCHANGED

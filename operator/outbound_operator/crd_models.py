@@ -29,7 +29,15 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
-from outbound_operator.resources import GROUP_KIND, GROUP_PLURAL, POLICY_KIND, POLICY_PLURAL
+from outbound_operator.resources import (
+    GROUP_KIND,
+    GROUP_PLURAL,
+    POLICY_KIND,
+    POLICY_PLURAL,
+    SETTINGS_KIND,
+    SETTINGS_NAME,
+    SETTINGS_PLURAL,
+)
 from outbound_relay.config import AuthType, TlsMode
 
 # A Momentum binding name as the relay, the CRDs and the injector's annotation all take it. 63 characters:
@@ -315,6 +323,115 @@ class OutboundBindingGroup(CrdModel):
     status: GroupStatus | None = None
 
 
+# A ConfigMap's keys take the same shape as a Secret's.
+ConfigMapKey = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN)]
+# relay.yaml's `hooks.python` entries: `package.module:function` (ASCII here: the API server's regex
+# engine reads `\w` as ASCII, Python's as Unicode).
+PYTHON_HOOK_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+# The relay's `bindingHeader`: a header field name, printable ASCII but ":" (RFC 5322 3.6.8).
+HEADER_NAME_PATTERN = r"^[!-9;-~]+$"
+
+
+class ConfigMapKeyRef(CrdModel):
+    """A key of a ConfigMap in this namespace."""
+
+    name: ObjectName
+    """Name of the ConfigMap."""
+    key: ConfigMapKey
+    """Key in the ConfigMap's data, e.g. auth.lua."""
+
+
+class LuaHookSource(CrdModel):
+    """Where one Lua hook file comes from."""
+
+    config_map_ref: ConfigMapKeyRef
+    """The ConfigMap key holding the Lua source (UTF-8 text)."""
+
+
+class HooksSpec(CrdModel):
+    """relay.yaml's `hooks` block (docs/hooks.md): Lua files first, in list order, then Python functions."""
+
+    lua: Annotated[tuple[LuaHookSource, ...], Field(max_length=32)] | None = None
+    """Lua hook files, each from a ConfigMap key. The operator compiles and loads each one with the
+    relay's own sandbox before rendering it; one that fails leaves the hooks last rendered in force."""
+    python: (
+        Annotated[
+            tuple[Annotated[str, Field(max_length=512, pattern=PYTHON_HOOK_PATTERN)], ...],
+            Field(max_length=32),
+        ]
+        | None
+    ) = None
+    """Python hook functions as 'package.module:function'; the module must be installed in the relay's
+    image."""
+    timeout_ms: int | None = Field(default=None, ge=1, le=10_000)
+    """Per hook call, in milliseconds (relay default 50)."""
+
+
+class UpstreamSpec(CrdModel):
+    """relay.yaml's `upstream` block: timeouts and the default pool size towards every gateway."""
+
+    connect_timeout_seconds: float | None = Field(default=None, ge=0.001, le=3600)
+    """TCP connect and TLS handshake, in seconds (relay default 10)."""
+    timeout_seconds: float | None = Field(default=None, ge=0.001, le=3600)
+    """Each upstream reply but the one to the end of DATA, in seconds (relay default 60)."""
+    idle_timeout_seconds: float | None = Field(default=None, ge=0.001, le=3600)
+    """An idle pooled upstream session is closed after this many seconds (relay default 30)."""
+    data_timeout_seconds: float | None = Field(default=None, ge=0.001, le=3600)
+    """Sending the message body and waiting for the reply to its end, in seconds (relay default 600, as
+    RFC 5321 4.5.3.2 asks)."""
+    default_max_connections: int | None = Field(default=None, ge=1, le=1000)
+    """Concurrent upstream sessions per scope whose policy sets no maxConnections (relay default 4)."""
+
+
+class LimitsSpec(CrdModel):
+    """relay.yaml's `limits` block: what one client may ask of the relay."""
+
+    message_size_bytes: int | None = Field(default=None, ge=65_536, le=1 << 30)
+    """Largest message, advertised as SIZE (relay default 10240000)."""
+    recipients_per_transaction: int | None = Field(default=None, ge=1, le=10_000)
+    """Recipients accepted per transaction; more get 452 (relay default 100)."""
+    sessions: int | None = Field(default=None, ge=1, le=10_000)
+    """Concurrent client sessions; one more is answered 421 (relay default 100)."""
+
+
+class SettingsSpec(CrdModel):
+    """What relay.yaml sets outside its policies, for every relay sidecar of this namespace. Every field is
+    optional; one left out keeps the relay's default."""
+
+    hooks: HooksSpec | None = None
+    """Per-message hooks (docs/hooks.md)."""
+    default_binding: BindingName | None = None
+    """Binding of a message with no X-Binding header and no Pod annotation (relay default "default")."""
+    binding_header: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=HEADER_NAME_PATTERN
+    )
+    """Header field that carries a message's binding (relay default X-Binding)."""
+    upstream: UpstreamSpec | None = None
+    """Upstream timeouts and pool size."""
+    limits: LimitsSpec | None = None
+    """Limits on what the app may submit."""
+
+
+class SettingsStatus(GroupStatus):
+    """Written by outbound-operator."""
+
+    hooks: tuple[str, ...] | None = None
+    """The hook files in force: the rendered Secret's keys, in call order (the last good ones while the
+    spec's cannot be rendered)."""
+
+
+def _named_default(body: Any) -> bool:
+    return isinstance(body, Mapping) and _mapping(body.get("metadata")).get("name") == SETTINGS_NAME
+
+
+class OutboundRelaySettings(CrdModel):
+    """Relay-wide settings of this namespace's relay sidecars: hooks, default binding, binding header,
+    upstream timeouts, limits. At most one per namespace, named "default"."""
+
+    spec: SettingsSpec
+    status: SettingsStatus | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class InvalidSpec:
     """A spec the models refuse (stored before a schema change, or written past the API server's checks).
@@ -361,6 +478,13 @@ def parse_group_spec(raw: object) -> GroupSpec | InvalidSpec:
         return InvalidSpec(errors=describe_errors(error))
 
 
+def parse_settings_spec(raw: object) -> SettingsSpec | InvalidSpec:
+    try:
+        return SettingsSpec.model_validate(raw if raw is not None else {})
+    except ValidationError as error:
+        return InvalidSpec(errors=describe_errors(error))
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrinterColumn:
     """A column of `kubectl get` (additionalPrinterColumns); priority 1 shows only with `-o wide`."""
@@ -380,6 +504,9 @@ class CustomResource:
     model: type[CrdModel]
     short_names: tuple[str, ...] = ()
     columns: tuple[PrinterColumn, ...]
+    object_rules: tuple[Rule, ...] = ()
+    """Rules on the whole object (its metadata.name), at the schema's root; `holds` takes the object as
+    the API returns it."""
 
 
 _READY = '.status.conditions[?(@.type=="Ready")]'
@@ -409,4 +536,22 @@ GROUP_RESOURCE = CustomResource(
         PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
     ),
 )
-RESOURCES = (POLICY_RESOURCE, GROUP_RESOURCE)
+SETTINGS_NAME_RULE = Rule(
+    cel=f"self.metadata.name == '{SETTINGS_NAME}'",
+    message=f"an {SETTINGS_KIND} must be named {SETTINGS_NAME!r}: there is at most one per namespace",
+    holds=_named_default,
+)
+SETTINGS_RESOURCE = CustomResource(
+    kind=SETTINGS_KIND,
+    plural=SETTINGS_PLURAL,
+    model=OutboundRelaySettings,
+    short_names=("ors",),
+    columns=(
+        PrinterColumn(name="Ready", json_path=f"{_READY}.status"),
+        PrinterColumn(name="Reason", json_path=f"{_READY}.reason"),
+        PrinterColumn(name="Hooks", json_path=".status.hooks"),
+        PrinterColumn(name="Age", json_path=".metadata.creationTimestamp", type="date"),
+    ),
+    object_rules=(SETTINGS_NAME_RULE,),
+)
+RESOURCES = (POLICY_RESOURCE, GROUP_RESOURCE, SETTINGS_RESOURCE)

@@ -116,6 +116,10 @@ def custom_resource_definition(resource: CustomResource) -> dict[str, Any]:
         "metadata": {"type": "object"},
         **schema["properties"],
     }
+    if resource.object_rules:
+        schema["x-kubernetes-validations"] = [
+            {"rule": rule.cel, "message": rule.message} for rule in resource.object_rules
+        ]
     columns = []
     for column in resource.columns:
         if not column.json_path.startswith(".metadata.") and _schema_at(schema, column.json_path) is None:

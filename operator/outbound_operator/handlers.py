@@ -18,7 +18,7 @@ import kopf
 
 from outbound_operator.controller import Controller
 from outbound_operator.namespaces import Namespaces
-from outbound_operator.resources import GROUP, GROUP_PLURAL, POLICY_PLURAL, VERSION
+from outbound_operator.resources import GROUP, GROUP_PLURAL, POLICY_PLURAL, SETTINGS_PLURAL, VERSION
 
 
 def register(registry: kopf.OperatorRegistry, controller: Controller, namespaces: Namespaces) -> None:
@@ -50,6 +50,10 @@ def register(registry: kopf.OperatorRegistry, controller: Controller, namespaces
     @kopf.on.event(GROUP, VERSION, GROUP_PLURAL, id="binding-group", registry=registry)
     async def group_event(*, type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
         controller.group_changed(str(namespace), body, deleted=type == "DELETED")
+
+    @kopf.on.event(GROUP, VERSION, SETTINGS_PLURAL, id="relay-settings", registry=registry)
+    async def settings_event(*, type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
+        controller.settings_changed(str(namespace), body, deleted=type == "DELETED")
 
     @kopf.on.event("", "v1", "namespaces", id="namespace", registry=registry)
     async def namespace_event(*, type: str, body: kopf.Body, name: str, **_: Any) -> None:

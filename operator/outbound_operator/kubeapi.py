@@ -117,6 +117,10 @@ class KubeApi:
         found: dict[str, Any] | None = await self._call(self.core.read_namespaced_secret, name, namespace)
         return found
 
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await self._call(self.core.read_namespaced_config_map, name, namespace)
+        return found
+
     async def list_secrets(self, namespace: str) -> list[dict[str, Any]]:
         found = await self._call(self.core.list_namespaced_secret, namespace, missing_ok=False)
         return list(found.get("items") or [])
@@ -213,10 +217,15 @@ class KubeApi:
         }
         await self._call(self.core.create_namespaced_event, namespace, body)
 
-    async def list_version(self, namespace: str) -> str:
-        """The resourceVersion of the namespace's Secrets as of now, read without their content (a list
-        of at most one item): where a watch starts."""
-        found = await self._call(self.core.list_namespaced_secret, namespace, limit=1, missing_ok=False)
+    async def list_version(self, namespace: str, resource: str = "secrets") -> str:
+        """The resourceVersion of the namespace's Secrets (or ConfigMaps) as of now, read without their
+        content (a list of at most one item): where a watch starts."""
+        method = (
+            self.core.list_namespaced_config_map
+            if resource == "configmaps"
+            else self.core.list_namespaced_secret
+        )
+        found = await self._call(method, namespace, limit=1, missing_ok=False)
         return str(found["metadata"]["resourceVersion"])
 
     def _watch_session(self) -> aiohttp.ClientSession:
@@ -243,12 +252,14 @@ class KubeApi:
         return headers
 
     async def watch_secrets(
-        self, namespace: str, resource_version: str
+        self, namespace: str, resource_version: str, resource: str = "secrets"
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(type, Secret) for each change in `namespace` after `resource_version`, until the request ends
         (WATCH_SECONDS); BOOKMARK events carry only the resourceVersion to resume from. Raises
-        WatchExpiredError for 410 Gone, WatchError for anything else that ends it early."""
-        url = f"{self.api.configuration.host}/api/v1/namespaces/{namespace}/secrets"
+        WatchExpiredError for 410 Gone, WatchError for anything else that ends it early. `resource`
+        "configmaps": the same for ConfigMaps."""
+        what = "ConfigMaps" if resource == "configmaps" else "Secrets"
+        url = f"{self.api.configuration.host}/api/v1/namespaces/{namespace}/{resource}"
         params = {
             "watch": "1",
             "resourceVersion": resource_version,
@@ -264,10 +275,10 @@ class KubeApi:
                 timeout=aiohttp.ClientTimeout(total=WATCH_SECONDS + 30, sock_connect=10),
             ) as response:
                 if response.status == 410:
-                    raise WatchExpiredError(f"watch of Secrets in {namespace}: 410 Gone")
+                    raise WatchExpiredError(f"watch of {what} in {namespace}: 410 Gone")
                 if response.status != 200:
                     raise WatchError(
-                        f"watch of Secrets in {namespace}: HTTP {response.status} {response.reason}"
+                        f"watch of {what} in {namespace}: HTTP {response.status} {response.reason}"
                     )
                 async for line in response.content:
                     if not line.strip():
@@ -276,13 +287,13 @@ class KubeApi:
                     kind, body = str(event.get("type")), event.get("object") or {}
                     if kind == "ERROR":
                         if body.get("code") == 410:
-                            raise WatchExpiredError(f"watch of Secrets in {namespace}: 410 Gone")
+                            raise WatchExpiredError(f"watch of {what} in {namespace}: 410 Gone")
                         raise WatchError(
-                            f"watch of Secrets in {namespace}: {body.get('code')} {body.get('reason')}"
+                            f"watch of {what} in {namespace}: {body.get('code')} {body.get('reason')}"
                         )
                     yield kind, body
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            raise WatchError(f"watch of Secrets in {namespace}: {type(error).__name__}") from None
+            raise WatchError(f"watch of {what} in {namespace}: {type(error).__name__}") from None
 
     async def ensure_role_binding(
         self, namespace: str, name: str, *, cluster_role: str, subject: tuple[str, str]

@@ -9,7 +9,8 @@ A namespace is served when its name matches `--namespace` (or `--all-namespaces`
   being served: it never holds Secret rights cluster-wide (docs/security.md);
 - it watches that namespace's Secrets, and only those: no cluster-wide list or watch of Secrets, so the
   Secrets of other namespaces never pass through its memory. Events of Secrets no policy references are
-  dropped on arrival.
+  dropped on arrival. The same for ConfigMaps: only those the namespace's OutboundRelaySettings names
+  (its Lua hooks) are kept.
 """
 
 from __future__ import annotations
@@ -105,31 +106,39 @@ class Namespaces:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_seconds)
         self.controller.touch(namespace)
-        await self._watch(namespace)
+        await asyncio.gather(self._watch(namespace), self._watch(namespace, "configmaps"))
 
-    async def _watch(self, namespace: str) -> None:
+    async def _watch(self, namespace: str, resource: str = "secrets") -> None:
         delay = self.settings.retry_seconds
         version: str | None = None
         while True:
             try:
                 if version is None:
-                    version = await self.api.list_version(namespace)
+                    version = await self.api.list_version(namespace, resource)
                     # Changes before `version` may have been missed (a first start, a 410, a broken
                     # connection): read the referenced Secrets afresh.
                     self.controller.resync(namespace)
-                async for kind, body in self.api.watch_secrets(namespace, version):
+                async for kind, body in self.api.watch_secrets(namespace, version, resource):
                     metadata = body.get("metadata") or {}
                     version = str(metadata.get("resourceVersion") or version)
                     name = str(metadata.get("name", ""))
-                    if kind != "BOOKMARK" and self.controller.watches_secret(namespace, name):
+                    if kind == "BOOKMARK":
+                        pass
+                    elif resource == "configmaps":
+                        if self.controller.watches_config_map(namespace, name):
+                            self.controller.config_map_changed(
+                                namespace, name, body, deleted=kind == "DELETED"
+                            )
+                    elif self.controller.watches_secret(namespace, name):
                         self.controller.secret_changed(namespace, name, body, deleted=kind == "DELETED")
                     delay = self.settings.retry_seconds
             except WatchExpiredError:
                 version = None
             except (WatchError, Exception) as error:
                 log.warning(
-                    "namespace %s: watch of Secrets failed (%s); retrying in %.1fs",
+                    "namespace %s: watch of %s failed (%s); retrying in %.1fs",
                     namespace,
+                    resource,
                     error if isinstance(error, WatchError) else describe_error(error),
                     delay,
                 )

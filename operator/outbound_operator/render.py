@@ -61,6 +61,7 @@ class ConditionType(StrEnum):
     SECRET_MISSING = "SecretMissing"  # noqa: S105 (a condition type, not a password)
     INVALID = "Invalid"
     CONFLICT = "Conflict"
+    CONFIG_MAP_MISSING = "ConfigMapMissing"
 
 
 POLICY_CONDITIONS = (
@@ -76,7 +77,18 @@ _CLEAR_REASONS = {
     ConditionType.SECRET_MISSING: "SecretsFound",
     ConditionType.INVALID: "Valid",
     ConditionType.CONFLICT: "NoConflict",
+    ConditionType.CONFIG_MAP_MISSING: "ConfigMapsFound",
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class SettingsPart:
+    """What an OutboundRelaySettings adds to the rendered Secret (built by relay_settings.py)."""
+
+    block: dict[str, Any]  # relay.yaml's keys outside policies: hooks, defaultBinding, upstream, limits...
+    files: dict[str, bytes]  # the hook files, by Secret key
+    owner: dict[str, Any] | None  # its ownerReference
+    verdicts: dict[str, Verdict]  # by object name
 
 
 class RenderError(RuntimeError):
@@ -163,6 +175,7 @@ class Verdict:
     generation: int
     conditions: tuple[Condition, ...]
     resolved_scope: str | None = None
+    hooks: tuple[str, ...] | None = None  # OutboundRelaySettings: the hook files in force
 
     @property
     def ready(self) -> Condition:
@@ -187,6 +200,7 @@ def make_verdict(
     ready_message: str,
     outcome: str = "",
     resolved_scope: str | None = None,
+    hooks: tuple[str, ...] | None = None,
 ) -> Verdict:
     """Ready is True without problems; otherwise it carries the first problem's reason and every message,
     followed by `outcome` (what the relay does about it)."""
@@ -208,7 +222,9 @@ def make_verdict(
             conditions.append(Condition(type=kind, status=True, reason=mine[0].reason, message=message))
         else:
             conditions.append(Condition(type=kind, status=False, reason=_CLEAR_REASONS[kind], message=""))
-    return Verdict(generation=generation, conditions=tuple(conditions), resolved_scope=resolved_scope)
+    return Verdict(
+        generation=generation, conditions=tuple(conditions), resolved_scope=resolved_scope, hooks=hooks
+    )
 
 
 def not_written(verdicts: Mapping[str, Verdict], *, reason: str, message: str) -> dict[str, Verdict]:
@@ -223,13 +239,15 @@ def not_written(verdicts: Mapping[str, Verdict], *, reason: str, message: str) -
 
 @dataclass(frozen=True, kw_only=True)
 class Rendering:
-    """The rendered Secret's content and owners, and a verdict for every policy and binding group."""
+    """The rendered Secret's content and owners, and a verdict for every policy, binding group and
+    OutboundRelaySettings."""
 
-    data: dict[str, bytes]  # Secret keys: relay.yaml and ca-<sha256 prefix>.pem (one per CA), sorted
-    owners: tuple[dict[str, Any], ...]  # ownerReferences: every policy of the namespace
+    data: dict[str, bytes]  # Secret keys: relay.yaml, ca-<sha256 prefix>.pem (one per CA), hook-*.lua; sorted
+    owners: tuple[dict[str, Any], ...]  # ownerReferences: every policy, and the settings, of the namespace
     policies: dict[str, Verdict]  # by object name
     groups: dict[str, Verdict]
     config: RelayConfig = field(repr=False)
+    settings: dict[str, Verdict] = field(default_factory=dict)
 
 
 def _secret_value(
@@ -519,25 +537,26 @@ def _render_groups(
     return dict(sorted(rendered.items())), verdicts
 
 
+def owner_reference(kind: str, source: ObjectMeta) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": kind,
+        "name": source.name,
+        "uid": source.uid,
+        "controller": False,
+        "blockOwnerDeletion": False,
+    }
+
+
 def owner_references(policies: Iterable[PolicySource]) -> tuple[dict[str, Any], ...]:
     """Every policy owns the rendered Secret: it lives while any policy does, whichever is deleted."""
-    return tuple(
-        {
-            "apiVersion": API_VERSION,
-            "kind": POLICY_KIND,
-            "name": p.name,
-            "uid": p.uid,
-            "controller": False,
-            "blockOwnerDeletion": False,
-        }
-        for p in sorted(policies, key=lambda p: p.name)
-    )
+    return tuple(owner_reference(POLICY_KIND, p) for p in sorted(policies, key=lambda p: p.name))
 
 
 def dump_yaml(namespace: str, data: Mapping[str, Any]) -> bytes:
     header = (
-        f"# Rendered by outbound-operator from the OutboundAuthPolicy and OutboundBindingGroup objects of\n"
-        f"# namespace {namespace}. Do not edit: the operator rewrites it.\n"
+        f"# Rendered by outbound-operator from the OutboundAuthPolicy, OutboundBindingGroup and\n"
+        f"# OutboundRelaySettings objects of namespace {namespace}. Do not edit: the operator rewrites it.\n"
     )
     body: str = yaml.dump(dict(data), Dumper=YAML_DUMPER, **YAML_STYLE)
     return (header + body).encode()
@@ -548,8 +567,10 @@ def render_namespace(
     policies: Iterable[PolicySource],
     groups: Iterable[BindingGroupSource],
     secrets: Mapping[str, Mapping[str, bytes]],
+    settings: SettingsPart | None = None,
 ) -> Rendering:
-    """`secrets`: Secret name -> key -> value, for the Secrets that exist; a name absent is missing."""
+    """`secrets`: Secret name -> key -> value, for the Secrets that exist; a name absent is missing.
+    `settings`: the OutboundRelaySettings' part of relay.yaml and its hook files (relay_settings.py)."""
     policies = sorted(policies, key=lambda p: p.age_key)
     binding_groups, group_verdicts = _render_groups(groups)
     holders: dict[Scope, str] = {}
@@ -570,7 +591,9 @@ def render_namespace(
             outcome=outcome.outcome,
             resolved_scope=outcome.scope.describe() if outcome.scope is not None else None,
         )
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(settings.block) if settings is not None else {}
+    if settings is not None:
+        files.update(settings.files)
     if binding_groups:
         data["bindingGroups"] = {name: list(bindings) for name, bindings in binding_groups.items()}
     data["policies"] = sorted(entries, key=lambda e: str(e["name"]))
@@ -580,10 +603,14 @@ def render_namespace(
         # Each policy was validated on its own and scopes made unique, so this is a bug, not user error.
         raise RenderError(str(error)) from None
     rendered = {CONFIG_KEY: dump_yaml(namespace, data), **files}
+    owners = owner_references(policies)
+    if settings is not None and settings.owner is not None:
+        owners = (*owners, settings.owner)
     return Rendering(
         data=dict(sorted(rendered.items())),
-        owners=owner_references(policies),
+        owners=owners,
         policies=verdicts,
         groups=group_verdicts,
         config=config,
+        settings=dict(settings.verdicts) if settings is not None else {},
     )

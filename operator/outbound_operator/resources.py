@@ -10,6 +10,10 @@ POLICY_KIND = "OutboundAuthPolicy"
 POLICY_PLURAL = "outboundauthpolicies"
 GROUP_KIND = "OutboundBindingGroup"
 GROUP_PLURAL = "outboundbindinggroups"
+SETTINGS_KIND = "OutboundRelaySettings"
+SETTINGS_PLURAL = "outboundrelaysettings"
+# At most one per namespace, and it must have this name: the CRD refuses any other (a CEL rule).
+SETTINGS_NAME = "default"
 
 # One per namespace; the sidecar mounts it read-only (docs/relay-config.md).
 RENDERED_SECRET = "outbound-relay-config"  # noqa: S105 (a Secret name, not a password)

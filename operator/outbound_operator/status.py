@@ -40,6 +40,8 @@ def status_of(
         result["resolvedScope"] = verdict.resolved_scope
     if pods_without_sidecar:
         result["podsWithoutSidecar"] = pods_without_sidecar
+    if verdict.hooks is not None:
+        result["hooks"] = list(verdict.hooks)
     return result
 
 

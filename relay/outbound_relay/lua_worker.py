@@ -170,9 +170,12 @@ class WorkerProcess:
         self.read_fd = proc.stdout.fileno()
 
     @classmethod
-    def start(cls, scripts: Sequence[LuaScript], timeout_ms: int, *, validate: bool) -> WorkerProcess:
+    def start(
+        cls, scripts: Sequence[LuaScript], timeout_ms: int, *, validate: bool, log_prints: bool = True
+    ) -> WorkerProcess:
         """Start a worker and load the files (blocking: call it from a thread, or at load time).
-        Raises WorkerStartError; with `validate`, a message naming the file that failed to load."""
+        Raises WorkerStartError; with `validate`, a message naming the file that failed to load.
+        `log_prints`: log what the files' top level printed (the relay does; a check does not)."""
         try:
             proc = subprocess.Popen(
                 WORKER_ARGV,
@@ -217,7 +220,7 @@ class WorkerProcess:
             hooks = answer.get("hooks")
             if not isinstance(hooks, list) or not all(isinstance(h, str) for h in hooks):
                 raise WorkerStartError("the Lua worker process sent a malformed greeting")
-            for script, line in answer.get("print", [])[:MAX_PRINTS]:
+            for script, line in answer.get("print", [])[:MAX_PRINTS] if log_prints else ():
                 _log_print(str(script), str(line))
             return cls(proc, tuple(hooks))
         except BaseException:
@@ -227,6 +230,17 @@ class WorkerProcess:
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
+
+
+def check_scripts(scripts: Sequence[LuaScript], timeout_ms: int) -> tuple[str, ...]:
+    """Load the files exactly as the relay does when a config loads (a worker process: compiled in the
+    sandbox, top level run under its CPU and memory limits, one file at a time and then together), then
+    stop the worker; the hook names. Blocking. Raises WorkerStartError, naming the file that failed when
+    `in_files`. The operator checks hooks with it before rendering them; what their top level prints is
+    not logged (a hook may print a token; the relay's log is where the hook's author looks)."""
+    worker = WorkerProcess.start(scripts, timeout_ms, validate=True, log_prints=False)
+    _reap(worker.proc)
+    return worker.hooks
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

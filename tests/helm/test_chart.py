@@ -20,7 +20,11 @@ from tests.helm.chart import CHART, CRDS, find, helm, objects, read_json, releas
 
 pytestmark = pytest.mark.cluster
 
-CRD_NAMES = ("outboundauthpolicies.outboundrelay.io", "outboundbindinggroups.outboundrelay.io")
+CRD_NAMES = (
+    "outboundauthpolicies.outboundrelay.io",
+    "outboundbindinggroups.outboundrelay.io",
+    "outboundrelaysettings.outboundrelay.io",
+)
 
 # Value sets every test renders; "{watched}" is replaced by a real namespace where one is needed.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -317,9 +321,7 @@ def test_install_and_uninstall(
         control_plane, "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s"
     )
     assert "STATUS: deployed" in out.stdout
-    _wait_established(
-        k8s_client, {"outboundauthpolicies.outboundrelay.io", "outboundbindinggroups.outboundrelay.io"}
-    )
+    _wait_established(k8s_client, set(CRD_NAMES))
 
     apps = client.AppsV1Api(k8s_client)
     fullname = f"{release}-outbound-relay"

@@ -57,9 +57,10 @@ class Install:
         ]
         return str(arg.partition("=")[2])
 
-    def can_i(self, verb: str, resource: str, namespace: str | None = None) -> str:
+    def can_i(self, verb: str, resource: str, namespace: str | None = None, *, subresource: str = "") -> str:
         """`kubectl auth can-i` as the operator's ServiceAccount: "yes" or "no"."""
         args = ["kubectl", "auth", "can-i", verb, resource, f"--as={self.service_account}"]
+        args += [f"--subresource={subresource}"] if subresource else []
         args += [f"--namespace={namespace}"] if namespace else ["--all-namespaces"]
         return self.control_plane.run(*args, check=False).stdout.strip()
 
@@ -146,6 +147,11 @@ def test_the_service_account_can_neither_read_secrets_widely_nor_mint_tokens(ins
         ("bind", "clusterroles/cluster-admin", None),
         ("escalate", "clusterroles", None),
         ("create", "pods", install.opted_in),
+        # ConfigMaps (the Lua hooks of an OutboundRelaySettings): read only where it renders, never written.
+        ("get", "configmaps", "kube-system"),
+        ("list", "configmaps", None),
+        ("watch", "configmaps", install.plain),
+        ("create", "configmaps", install.opted_in),
         ("patch", "namespaces", None),
         ("update", "validatingadmissionpolicies", None),
         ("delete", "validatingadmissionpolicybindings", None),
@@ -154,6 +160,8 @@ def test_the_service_account_can_neither_read_secrets_widely_nor_mint_tokens(ins
     assert answers == {key: "no" for key in no}
     # What it has cluster-wide: reading policies (names of Secrets, no values) and binding one role.
     assert install.can_i("list", "outboundauthpolicies.outboundrelay.io") == "yes"
+    assert install.can_i("watch", "outboundrelaysettings.outboundrelay.io") == "yes"
+    assert install.can_i("create", "outboundrelaysettings.outboundrelay.io") == "no"
     assert install.can_i("bind", f"clusterroles/{install.render_role}") == "yes"
 
 
@@ -285,6 +293,25 @@ def test_the_operator_binds_itself_only_where_a_namespace_opted_in(
         assert password in base64.b64decode(data["relay.yaml"]).decode()
         binding = rbac.read_namespaced_role_binding(install.render_role, install.opted_in)
         assert binding.role_ref.name == install.render_role
+        # Bound: it reads ConfigMaps and writes the settings' status there, and writes no ConfigMap.
+        answers = {
+            (verb, resource): install.can_i(verb, resource, install.opted_in)
+            for verb, resource in (
+                ("get", "configmaps"),
+                ("list", "configmaps"),
+                ("watch", "configmaps"),
+                ("update", "configmaps"),
+            )
+        }
+        status = "outboundrelaysettings.outboundrelay.io"
+        answers[("patch", "status")] = install.can_i("patch", status, install.opted_in, subresource="status")
+        assert answers == {
+            ("get", "configmaps"): "yes",
+            ("list", "configmaps"): "yes",
+            ("watch", "configmaps"): "yes",
+            ("update", "configmaps"): "no",
+            ("patch", "status"): "yes",
+        }
         # A change of a referenced Secret arrives through the per-namespace watch and is rendered.
         core.patch_namespaced_secret("smtp", install.opted_in, {"stringData": {"password": "Ch4nged-pw"}})
         wait_for(
@@ -304,6 +331,7 @@ def test_the_operator_binds_itself_only_where_a_namespace_opted_in(
             what="the RoleBinding deleted",
         )
         assert install.can_i("get", "secrets", install.opted_in) == "no"
+        assert install.can_i("get", "configmaps", install.opted_in) == "no"
         assert rendered(install.plain) is None
         logs, metrics = operator.logs(), operator.metrics()
     finally:

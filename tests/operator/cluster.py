@@ -25,6 +25,9 @@ from outbound_operator.resources import (
     GROUP_PLURAL,
     POLICY_PLURAL,
     RENDERED_SECRET,
+    SETTINGS_KIND,
+    SETTINGS_NAME,
+    SETTINGS_PLURAL,
     VERSION,
 )
 from tests.support.process import terminate
@@ -153,6 +156,18 @@ class Objects:
     def apply_group(self, name: str, bindings: list[str]) -> dict[str, Any]:
         return self._create(GROUP_PLURAL, "OutboundBindingGroup", name, {"bindings": bindings})
 
+    def apply_settings(self, spec: Mapping[str, Any], name: str = SETTINGS_NAME) -> dict[str, Any]:
+        return self._create(SETTINGS_PLURAL, SETTINGS_KIND, name, spec)
+
+    def put_config_map(self, name: str, data: Mapping[str, str]) -> None:
+        body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": dict(data)}
+        try:
+            call_json(self.core.create_namespaced_config_map, self.namespace, body)
+        except client.exceptions.ApiException as error:
+            if error.status != 409:
+                raise
+            call_json(self.core.replace_namespaced_config_map, name, self.namespace, body)
+
     def get(self, name: str, plural: str = POLICY_PLURAL) -> dict[str, Any]:
         return call_json(
             self.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace, plural, name
@@ -186,6 +201,15 @@ class Objects:
             return found if found.get("status") == status else None
 
         return wait_for(check, what=f"{name}: {kind}={status}")
+
+    def wait_for_message(self, name: str, text: str, plural: str = POLICY_PLURAL) -> dict[str, Any]:
+        """Wait until the Ready condition's message holds `text`; that condition."""
+
+        def check() -> dict[str, Any] | None:
+            found = self.condition(name, "Ready", plural=plural)
+            return found if text in str(found.get("message")) else None
+
+        return wait_for(check, what=f"{name}: Ready's message with {text!r}")
 
     def put_secret(self, name: str, data: Mapping[str, bytes | str]) -> None:
         encoded = {

@@ -12,7 +12,11 @@ from tests.cluster.controlplane import ControlPlane
 from tests.operator.cluster import CRD_DIR, Objects, OperatorProcess
 from tests.peers.certs import TLSFiles, make_tls_files
 
-CRD_NAMES = ("outboundauthpolicies.outboundrelay.io", "outboundbindinggroups.outboundrelay.io")
+CRD_NAMES = (
+    "outboundauthpolicies.outboundrelay.io",
+    "outboundbindinggroups.outboundrelay.io",
+    "outboundrelaysettings.outboundrelay.io",
+)
 
 
 @pytest.fixture(scope="session")

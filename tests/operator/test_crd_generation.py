@@ -26,7 +26,14 @@ from outbound_operator.crd_models import (
 from outbound_operator.crd_schema import CrdSchemaError, custom_resource_definition, structural_schema
 from outbound_operator.crdgen import crd_yaml, differences
 from outbound_operator.injection import InjectionSettings
-from outbound_operator.resources import GROUP_KIND, GROUP_PLURAL, POLICY_KIND, POLICY_PLURAL
+from outbound_operator.resources import (
+    GROUP_KIND,
+    GROUP_PLURAL,
+    POLICY_KIND,
+    POLICY_PLURAL,
+    SETTINGS_KIND,
+    SETTINGS_PLURAL,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 VALUES = REPO / "charts" / "outbound-relay" / "values.yaml"
@@ -67,7 +74,7 @@ def test_generation_is_deterministic(seed: str) -> None:
 
 def test_names_come_from_resources_py() -> None:
     kinds = {r.kind: r.plural for r in RESOURCES}
-    assert kinds == {POLICY_KIND: POLICY_PLURAL, GROUP_KIND: GROUP_PLURAL}
+    assert kinds == {POLICY_KIND: POLICY_PLURAL, GROUP_KIND: GROUP_PLURAL, SETTINGS_KIND: SETTINGS_PLURAL}
 
 
 @pytest.mark.parametrize("resource", RESOURCES, ids=lambda r: r.kind)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ import yaml
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from outbound_operator.crd_models import PolicySpec, PolicyStatus
+from outbound_operator.crd_models import SECRET_KEY_PATTERN, PolicySpec, PolicyStatus
 from outbound_operator.crd_schema import structural_schema
+from outbound_operator.relay_settings import SettingsSource, collect_hooks, last_good, render_settings
 from outbound_operator.render import (
     YAML_DUMPER,
     YAML_STYLE,
@@ -607,3 +609,91 @@ def test_every_spec_the_crd_admits_renders_and_the_relay_reads_it_back(
         assert policy.oauth2.scopes == tuple(oauth2.get("scopes", ()))
         ref = oauth2["clientIdSecretRef"]
         assert policy.oauth2.client_id == _read_back(secrets[ref["name"]][ref["key"]])
+
+
+# -- OutboundRelaySettings (relay_settings.py) ------------------------------------------------------------
+
+_CM_NAME = st.from_regex(r"\A[a-z0-9]([a-z0-9.-]{0,40}[a-z0-9])?\Z")
+_CM_KEY = st.from_regex(r"\A[-._a-zA-Z0-9]{1,40}\Z").filter(lambda k: k not in (".", ".."))
+
+
+@given(st.lists(st.tuples(_CM_NAME, _CM_KEY), min_size=1, max_size=6, unique=True))
+def test_hook_files_get_distinct_valid_secret_keys(refs: list[tuple[str, str]]) -> None:
+    """Every distinct ConfigMap key becomes its own Secret key, valid as one, even when two references
+    spell the same `hook-<name>-<key>`."""
+    source = SettingsSource.from_body(
+        {
+            "metadata": {"name": "default"},
+            "spec": {"hooks": {"lua": [{"configMapRef": {"name": n, "key": k}} for n, k in refs]}},
+        }
+    )
+    config_maps: dict[str, dict[str, str]] = {}
+    for name, key in refs:
+        config_maps.setdefault(name, {})[key] = f"-- {name}/{key}"
+    hooks, problems = collect_hooks(NS, source, config_maps)
+    assert problems == []
+    keys = [hook.key for hook in hooks]
+    assert len(set(keys)) == len(refs)
+    assert all(re.fullmatch(SECRET_KEY_PATTERN, key) and len(key) <= 253 for key in keys)
+    assert [hook.source for hook in hooks] == [f"-- {n}/{k}" for n, k in refs]
+
+
+def test_colliding_hook_names_and_duplicates() -> None:
+    spec = {
+        "hooks": {"lua": [{"configMapRef": {"name": n, "key": k}} for n, k in (("a-b", "c"), ("a", "b-c"))]}
+    }
+    source = SettingsSource.from_body({"metadata": {"name": "default"}, "spec": spec})
+    hooks, problems = collect_hooks(NS, source, {"a-b": {"c": "x"}, "a": {"b-c": "y"}})
+    assert problems == [] and hooks[0].key == "hook-a-b-c.lua" and hooks[1].key.startswith("hook-")
+    assert hooks[1].key != hooks[0].key
+    spec["hooks"]["lua"].append({"configMapRef": {"name": "a", "key": "b-c"}})
+    source = SettingsSource.from_body({"metadata": {"name": "default"}, "spec": spec})
+    _, problems = collect_hooks(NS, source, {"a-b": {"c": "x"}, "a": {"b-c": "y"}})
+    assert [p.reason for p in problems] == ["DuplicateHook"]
+    assert "spec.hooks.lua[2]: ConfigMap mail/a key 'b-c' is already listed" in problems[0].message
+
+
+def test_last_good_settings_come_from_the_secret_in_place() -> None:
+    """The settings part of a rendered Secret is kept whole, or not at all when its hook files are not
+    all there."""
+    previous = {
+        "relay.yaml": b"defaultBinding: bulk\nhooks:\n  lua: [hook-x-a.lua]\n  timeoutMs: 80\npolicies: []\n",
+        "hook-x-a.lua": b"-- a",
+        "ca-0123.pem": b"pem",
+    }
+    block, files = last_good(previous)
+    assert block == {"defaultBinding": "bulk", "hooks": {"lua": ["hook-x-a.lua"], "timeoutMs": 80}}
+    assert files == {"hook-x-a.lua": b"-- a"}
+    del previous["hook-x-a.lua"]
+    assert last_good(previous) == ({"defaultBinding": "bulk"}, {})
+    assert last_good(None) == ({}, {})
+
+
+def test_settings_render_into_relay_yaml_and_own_the_secret() -> None:
+    body = {
+        "metadata": {"name": "default", "uid": "u-1", "generation": 3},
+        "spec": {
+            "defaultBinding": "bulk",
+            "limits": {"sessions": 20},
+            "upstream": {"dataTimeoutSeconds": 900},
+        },
+    }
+    source = SettingsSource.from_body(body)
+    part = render_settings(NS, [source], (), [], None)
+    assert part is not None
+    rendering = render_namespace(NS, [], [], {}, part)
+    data = yaml.safe_load(rendering.data["relay.yaml"])
+    assert data == {
+        "defaultBinding": "bulk",
+        "upstream": {"dataTimeoutSeconds": 900.0},
+        "limits": {"sessions": 20},
+        "policies": [],
+    }
+    assert rendering.config.limits.sessions == 20
+    assert [(o["kind"], o["uid"]) for o in rendering.owners] == [("OutboundRelaySettings", "u-1")]
+    verdict = rendering.settings["default"]
+    assert verdict.ready.status and verdict.generation == 3
+    other = SettingsSource.from_body({"metadata": {"name": "other"}, "spec": {}})
+    part = render_settings(NS, [other], (), [], None)
+    assert part is not None and part.owner is None and part.block == {}
+    assert part.verdicts["other"].ready.reason == "NotDefault"

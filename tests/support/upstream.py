@@ -30,6 +30,7 @@ class _State:
     tokens: dict[str, str]  # XOAUTH2: user -> bearer token
     received: list[Received] = field(default_factory=list)
     auth_log: list[tuple[str, str, bool]] = field(default_factory=list)  # (mechanism, user, accepted)
+    xoauth2: list[bytes] = field(default_factory=list)  # each XOAUTH2 initial response, decoded
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> forced reply
     mail_replies: list[str] = field(default_factory=list)  # forced replies to the next MAILs, in order
     data_reply: str | None = None
@@ -45,6 +46,7 @@ class _Handler:
         """RFC-less but documented by Google/Microsoft: base64("user=U\\x01auth=Bearer T\\x01\\x01")."""
         blob = base64.b64decode(args[1]) if len(args) > 1 else await server.challenge_auth("")
         assert isinstance(blob, bytes)
+        self.state.xoauth2.append(blob)
         fields = dict(part.split("=", 1) for part in blob.decode().split("\x01") if "=" in part)
         user, auth = fields.get("user", ""), fields.get("auth", "")
         ok = auth == f"Bearer {self.state.tokens.get(user)}" and user in self.state.tokens

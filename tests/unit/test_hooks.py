@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from outbound_relay.config import ConfigError, Hooks
+from outbound_relay.hook_state import LuaScript
 from outbound_relay.hooks import VCTX_MESS, HookChain, HookError, HookMessage, PythonHookMsg
+from outbound_relay.lua_worker import WorkerStartError, check_scripts
 from tests.support.seed import SEED_LUA, SEED_TOKEN, SEED_USER
 
 HEADERS = (
@@ -442,6 +444,37 @@ class TestLoadErrors:
     def test_top_level_loop(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=r"'hook0.lua': its top-level code ran past the 1000 ms"):
             chain(tmp_path, "while true do end")
+
+    @pytest.mark.parametrize(
+        "sources",
+        [
+            (SEED_LUA,),
+            (
+                SEED_LUA,
+                "local mod = {}\nfunction mod:outbound_smtp_auth_config(msg)\n  msg:context_set(\nend\n",
+            ),
+            ("local mod = {}\nmsys.registerModule('x', mod)\n",),
+            ("io.write('x')",),
+            (SEED_LUA, SEED_LUA.replace("local mod = {}", "mod = {}")),
+        ],
+        ids=["seed", "syntax-error", "no-hook", "top-level-error", "two-files"],
+    )
+    def test_the_operators_check_is_the_relays_load(self, tmp_path: Path, sources: tuple[str, ...]) -> None:
+        """check_scripts (what the operator runs before rendering) passes exactly what HookChain.load
+        passes, and fails with the same message."""
+        scripts = tuple(LuaScript(name=f"hook{i}.lua", source=text) for i, text in enumerate(sources))
+        relay_error: str | None = None
+        try:
+            loaded = chain(tmp_path, *sources)
+        except ConfigError as error:
+            relay_error = str(error)
+        if relay_error is None:
+            assert check_scripts(scripts, 50) == tuple(name.removeprefix("lua ") for name in loaded.names)
+            loaded.close()
+            return
+        with pytest.raises(WorkerStartError) as caught:
+            check_scripts(scripts, 50)
+        assert caught.value.in_files and str(caught.value) == relay_error
 
     @pytest.mark.parametrize(
         ("ref", "reason"),

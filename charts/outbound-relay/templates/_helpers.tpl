@@ -112,11 +112,15 @@ outboundrelay.io/inject
 {{/* The operator's rules for a namespace it renders; bound per namespace only, never cluster-wide. */}}
 {{- define "outbound-relay.namespacedRules" -}}
 - apiGroups: [outboundrelay.io]
-  resources: [outboundauthpolicies, outboundbindinggroups]
+  resources: [outboundauthpolicies, outboundbindinggroups, outboundrelaysettings]
   verbs: [get, list, watch]
 - apiGroups: [outboundrelay.io]
-  resources: [outboundauthpolicies/status, outboundbindinggroups/status]
+  resources: [outboundauthpolicies/status, outboundbindinggroups/status, outboundrelaysettings/status]
   verbs: [get, patch]
+# The Lua hooks an OutboundRelaySettings names are read from ConfigMaps; read only, never written.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch]
 # Referenced Secrets are read, the rendered one is written. RBAC cannot limit create by name: the
 # ValidatingAdmissionPolicy confines the operator's writes to the Opaque Secret outbound-relay-config.
 - apiGroups: [""]
