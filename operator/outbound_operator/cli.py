@@ -142,7 +142,7 @@ async def run(args: argparse.Namespace) -> None:
     handlers.register(registry, controller, namespaces)
     webhook_settings = webhook.settings_from_args(args)  # None unless --webhook-port is given
     if webhook_settings is not None:
-        webhook.register(webhook_settings, registry, api=api_client)
+        webhook.register(webhook_settings, registry, api=api_client, metrics=metrics)
         uninjected.register(
             registry, kube, webhook_settings.never_injected, controller.set_pods_without_sidecar
         )

@@ -130,10 +130,11 @@ class InjectionSettings(BaseModel):
     """Kubernetes imagePullPolicy of the sidecar."""
     resources: Resources = Resources()
     """Requests and limits of the sidecar container."""
-    run_as_user: int = Field(default=65532, alias="runAsUser", ge=1)
-    """UID of the relay process (non-root; the image's user is 65532)."""
-    run_as_group: int = Field(default=65532, alias="runAsGroup", ge=1)
-    """GID of the relay process."""
+    run_as_user: int | None = Field(default=None, alias="runAsUser", ge=1)
+    """UID of the relay process; none: the image's (65532), or on OpenShift the one its restricted SCC
+    assigns from the namespace's range (a fixed UID outside it would be refused). Never root."""
+    run_as_group: int | None = Field(default=None, alias="runAsGroup", ge=1)
+    """GID of the relay process; none: the image's (65532), or the SCC's."""
     metrics_port: int = Field(default=9425, alias="metricsPort", ge=1, le=65535)
     """Port of the relay's /metrics, passed as `serve --metrics-port` (it overrides relay.yaml's)."""
     config_secret: str = Field(default="outbound-relay-config", alias="configSecret", min_length=1)
@@ -234,8 +235,8 @@ def sidecar_container(
         ],
         "securityContext": {
             "runAsNonRoot": True,
-            "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_group,
+            **({"runAsUser": settings.run_as_user} if settings.run_as_user is not None else {}),
+            **({"runAsGroup": settings.run_as_group} if settings.run_as_group is not None else {}),
             "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
             "privileged": False,

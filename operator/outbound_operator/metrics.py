@@ -19,6 +19,20 @@ class ReconcileResult(StrEnum):
     ERROR = "error"  # retried with backoff; the rendered Secret in place is kept
 
 
+class Webhook(StrEnum):
+    """The webhooks the operator serves, by the path the API server calls (webhook.py)."""
+
+    MUTATE_PODS = "mutate-pods"  # sidecar injection
+    VALIDATE_POLICIES = "validate-policies"  # who may name which Secret in a policy
+
+
+class WebhookResult(StrEnum):
+    ALLOWED = "allowed"  # admitted, with or without a patch
+    DENIED = "denied"  # refused with a reason the user can act on (a bad annotation, an unreadable Secret)
+    ERROR = "error"  # could not decide (a SubjectAccessReview failed): refused, the user should retry
+    INVALID = "invalid"  # not an AdmissionReview as the API server sends one: answered 400
+
+
 class OperatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -56,8 +70,17 @@ class OperatorMetrics:
             registry=self.registry,
         )
         self._uninjected_namespaces: set[str] = set()
+        self.webhook_requests = Counter(
+            "outbound_operator_webhook_requests",
+            "Admission requests answered by the operator's webhooks, by webhook and result.",
+            ["webhook", "result"],
+            registry=self.registry,
+        )
         for result in ReconcileResult:
             self.reconciles.labels(result=result.value)
+        for webhook in Webhook:
+            for answer in WebhookResult:
+                self.webhook_requests.labels(webhook=webhook.value, result=answer.value)
         for kind in POLICY_CONDITIONS:
             self.policies.labels(condition=kind.value).set(0)
         self._by_namespace: dict[str, Tally[str]] = {}

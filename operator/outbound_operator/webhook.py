@@ -49,6 +49,7 @@ from outbound_operator.injection import (
     wants_injection,
 )
 from outbound_operator.kubeapi import load_api_client
+from outbound_operator.metrics import OperatorMetrics, Webhook, WebhookResult
 from outbound_operator.policy_admission import (
     VALIDATE_POLICIES_PATH,
     ReviewCheckError,
@@ -210,12 +211,18 @@ class WebhookServer:
     that is not an AdmissionReview is answered 400 with the reason, one too large 413."""
 
     def __init__(
-        self, settings: WebhookSettings, context: ssl.SSLContext, api: client.ApiClient | None = None
+        self,
+        settings: WebhookSettings,
+        context: ssl.SSLContext,
+        api: client.ApiClient | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.context = context
         self.api = api
         """For the SubjectAccessReviews of the policy check (default: loaded at the first one)."""
+        self.metrics = metrics
+        """outbound_operator_webhook_requests_total is counted here (None: not counted)."""
         self.reviews = 0
         """AdmissionReviews answered so far (tests use it to show who never called)."""
         self.injected = 0
@@ -245,9 +252,23 @@ class WebhookServer:
         body = await request.read()
         return await asyncio.to_thread(parse_review, body)
 
-    @staticmethod
-    def _bad_request(error: Exception) -> web.Response:
+    def _count(self, webhook: Webhook, response: Mapping[str, Any] | None) -> None:
+        """One answered request: `response` is the AdmissionReview's response, None for a 400."""
+        if self.metrics is None:
+            return
+        if response is None:
+            result = WebhookResult.INVALID
+        elif response["allowed"]:
+            result = WebhookResult.ALLOWED
+        elif response["status"]["code"] >= 500:  # the policy check could not decide (fails closed)
+            result = WebhookResult.ERROR
+        else:
+            result = WebhookResult.DENIED
+        self.metrics.webhook_requests.labels(webhook=webhook.value, result=result.value).inc()
+
+    def _bad_request(self, webhook: Webhook, error: Exception) -> web.Response:
         log.warning("bad AdmissionReview refused: %s", error)
+        self._count(webhook, None)
         return web.json_response({"error": f"expected an AdmissionReview: {error}"}, status=400)
 
     async def _mutate(self, request: web.Request) -> web.Response:
@@ -255,14 +276,16 @@ class WebhookServer:
             review = await self._read_review(request)
             answer = admission_response(review, self.settings)
         except BadReviewError as error:
-            return self._bad_request(error)
+            return self._bad_request(Webhook.MUTATE_PODS, error)
         except (AttributeError, TypeError, KeyError, IndexError, ValueError) as error:
             # A Pod of a shape the API server never sends (the request's fields were checked above).
             return self._bad_request(
-                BadReviewError(f"the Pod is malformed ({type(error).__name__}: {error})")
+                Webhook.MUTATE_PODS,
+                BadReviewError(f"the Pod is malformed ({type(error).__name__}: {error})"),
             )
         self.reviews += 1
         response = answer["response"]
+        self._count(Webhook.MUTATE_PODS, response)
         if "patch" in response:
             self.injected += 1
             dry = " (dry run)" if (review.get("request") or {}).get("dryRun") else ""
@@ -278,11 +301,12 @@ class WebhookServer:
             review = await self._read_review(request)
             response = await review_policy(review["request"], self._may_get)
         except BadReviewError as error:
-            return self._bad_request(error)
+            return self._bad_request(Webhook.VALIDATE_POLICIES, error)
         except (AttributeError, TypeError, KeyError, IndexError, ValueError) as error:
             malformed = f"the request is malformed ({type(error).__name__}: {error})"
-            return self._bad_request(BadReviewError(malformed))
+            return self._bad_request(Webhook.VALIDATE_POLICIES, BadReviewError(malformed))
         self.reviews += 1
+        self._count(Webhook.VALIDATE_POLICIES, response)
         if not response["allowed"]:
             self.refused_policies += 1
             log.warning("policy refused: %s", response["status"]["message"])
@@ -361,9 +385,12 @@ class WebhookServer:
 
 @contextlib.asynccontextmanager
 async def serve(
-    settings: WebhookSettings, api: client.ApiClient | None = None
+    settings: WebhookSettings,
+    api: client.ApiClient | None = None,
+    metrics: OperatorMetrics | None = None,
 ) -> AsyncIterator[WebhookServer]:
-    """Run the webhook (server and certificate upkeep) for the duration of the `async with`."""
+    """Run the webhook (server and certificate upkeep) for the duration of the `async with`; answered
+    requests are counted in `metrics` when given."""
     context = server_context()
     certificates: SelfManagedCertificates | FileCertificates
     if settings.cert_dir is not None:
@@ -380,7 +407,7 @@ async def serve(
             rotation=settings.rotation,
         )
     await certificates.start()
-    server = WebhookServer(settings, context, api)
+    server = WebhookServer(settings, context, api, metrics)
     server.certificates = certificates
     await server.start()
     upkeep = asyncio.create_task(certificates.run(), name="outbound-relay webhook certificates")
@@ -400,16 +427,17 @@ def register(
     registry: kopf.OperatorRegistry | None = None,
     *,
     api: client.ApiClient | None = None,
+    metrics: OperatorMetrics | None = None,
 ) -> None:
     """Run the webhook inside a kopf operator: started by an on.startup handler (before any watch
     begins), stopped by an on.cleanup handler. `api` patches the caBundle (default: in-cluster config,
-    else $KUBECONFIG)."""
+    else $KUBECONFIG); `metrics` counts the answered requests."""
     stack = contextlib.AsyncExitStack()
     running: list[WebhookServer] = []
 
     @kopf.on.startup(registry=registry)
     async def start_outbound_relay_webhook(**_: Any) -> None:
-        running.append(await stack.enter_async_context(serve(settings, api)))
+        running.append(await stack.enter_async_context(serve(settings, api, metrics)))
 
     @kopf.on.probe(id="webhook", registry=registry)
     def outbound_relay_webhook_health(**_: Any) -> dict[str, Any]:

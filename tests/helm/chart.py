@@ -15,6 +15,7 @@ from tests.cluster.controlplane import REPO, ControlPlane
 
 CHART = REPO / "charts" / "outbound-relay"
 CRDS = REPO / "crds"
+TEST_HOOK = "templates/tests/check-install.yaml"
 
 
 def release_name(prefix: str = "or") -> str:
@@ -45,7 +46,10 @@ def template(
     release: str = "outbound-relay",
     namespace: str = "outbound-relay-system",
     include_crds: bool = False,
+    show_only: str | None = None,
 ) -> str:
+    """`helm template` without the `helm test` hook's objects (what `helm install` makes); show_only: one
+    template only, e.g. TEST_HOOK."""
     args = [
         "template",
         release,
@@ -57,6 +61,7 @@ def template(
     ]
     if include_crds:
         args.append("--include-crds")
+    args += ["--show-only", show_only] if show_only else ["--skip-tests"]
     return helm(control_plane, *args).stdout
 
 
@@ -73,3 +78,19 @@ def read_json(call: Callable[..., Any], *args: Any) -> dict[str, Any]:
 
 def find(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+
+
+def hand_crds_to(control_plane: ControlPlane, release: str, namespace: str) -> None:
+    """Let `release` take over the CRDs that exist already (the test cluster is shared: other tests apply
+    crds/ or installed the chart as another release, and Helm refuses to install over objects it does not
+    own). These are the commands docs/helm.md's upgrade notes give, for CRDs installed by an older chart or
+    by hand."""
+    names = [path.name.removesuffix(".yaml") for path in sorted(CRDS.glob("*.yaml"))]
+    found = control_plane.kubectl("get", "crd", *names, "--ignore-not-found", "-o", "name").split()
+    if not found:
+        return
+    control_plane.kubectl(
+        "annotate", "--overwrite", *found,
+        f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}",
+    )  # fmt: skip
+    control_plane.kubectl("label", "--overwrite", *found, "app.kubernetes.io/managed-by=Helm")

@@ -6,25 +6,44 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
+import shutil
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 
 from outbound_operator import cli, webhook
-from outbound_operator.injection import ANNOTATION_INJECT, inject
+from outbound_operator.injection import (
+    ANNOTATION_INJECT,
+    CONFIG_FILE,
+    CONTAINER_NAME,
+    NAMESPACE_LABEL,
+    inject,
+)
+from outbound_relay import cli as relay_cli
 from tests.cluster.controlplane import ControlPlane
-from tests.helm.chart import CHART, CRDS, find, helm, objects, read_json, release_name, template, values_file
+from tests.helm.chart import (
+    CHART,
+    CRDS,
+    TEST_HOOK,
+    find,
+    hand_crds_to,
+    helm,
+    objects,
+    read_json,
+    release_name,
+    template,
+    values_file,
+)
 
 pytestmark = pytest.mark.cluster
 
-CRD_NAMES = (
-    "outboundauthpolicies.outboundrelay.io",
-    "outboundbindinggroups.outboundrelay.io",
-    "outboundrelaysettings.outboundrelay.io",
-)
+CRD_NAMES = tuple(sorted(path.name.removesuffix(".yaml") for path in CRDS.glob("*.yaml")))
 
 # Value sets every test renders; "{watched}" is replaced by a real namespace where one is needed.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -34,6 +53,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "webhook": {"url": "https://127.0.0.1:9443/mutate-pods", "certIPAddresses": ["127.0.0.1"]}
     },
     "webhook-off": {"webhook": {"enabled": False}, "metrics": {"service": {"enabled": False}}},
+    "crds-off": {"crds": {"install": False}, "tests": {"enabled": False}},
+    "digest-and-dashboard": {
+        "image": {"digest": "sha256:" + "ab" * 32},
+        "relay": {"runAsUser": 1000, "runAsGroup": 3000},
+        "metrics": {"grafanaDashboard": {"enabled": True}},
+        "networkPolicy": {"apiServerCIDRs": ["10.0.0.10/32"]},
+    },
     "relay-settings": {
         "relay": {
             "image": {"repository": "registry.example/relay", "tag": "1.2.3", "pullPolicy": "Always"},
@@ -64,7 +90,13 @@ CRD_DEPENDENT: dict[str, dict[str, Any]] = {
             "certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}
         }
     },
-    "monitors": {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}},
+    "monitors": {
+        "metrics": {
+            "serviceMonitor": {"enabled": True},
+            "podMonitor": {"enabled": True},
+            "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        }
+    },
 }
 
 
@@ -85,44 +117,162 @@ def test_template_is_accepted_by_the_api_server(
     control_plane: ControlPlane, namespace: str, tmp_path: Path, variant: str
 ) -> None:
     values = _with_namespace(VARIANTS[variant], namespace)
-    manifest = template(control_plane, tmp_path, values, namespace=namespace, include_crds=True)
+    manifest = template(control_plane, tmp_path, values, namespace=namespace)
     out = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest)
     kinds = {line.split("/")[0] for line in out.splitlines()}
-    assert "customresourcedefinition.apiextensions.k8s.io" in kinds
+    assert ("customresourcedefinition.apiextensions.k8s.io" in kinds) == (variant != "crds-off")
     assert "deployment.apps" in kinds
+    # The `helm test` hook's objects (not in `helm template`'s output without --show-only) too.
+    if variant != "crds-off":
+        hook = objects(template(control_plane, tmp_path, values, namespace=namespace, show_only=TEST_HOOK))
+        # The Pod's admission looks its ServiceAccount up: that one is made for real (in the test's
+        # namespace, deleted with it), the rest is a dry run.
+        (account,) = find(hook, "ServiceAccount")
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(account))
+        rest = {"apiVersion": "v1", "kind": "List", "items": [d for d in hook if d is not account]}
+        for _ in range(50):  # until the admission plugin's cache has the new ServiceAccount
+            try:
+                out = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(rest))
+                break
+            except RuntimeError as error:
+                if "serviceaccount" not in str(error):
+                    raise
+                time.sleep(0.2)
+        assert "pod/" in out and "clusterrole.rbac.authorization.k8s.io/" in out
     if variant != "webhook-off":
         assert "mutatingwebhookconfiguration.admissionregistration.k8s.io" in kinds
 
 
 def test_crds_come_from_the_one_source_in_crds(control_plane: ControlPlane, tmp_path: Path) -> None:
-    assert (CHART / "crds").is_symlink() and (CHART / "crds").resolve() == CRDS.resolve()
-    docs = objects(template(control_plane, tmp_path, include_crds=True))
-    rendered = {d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")}
-    assert rendered == set(CRD_NAMES)
+    """Every file of crds/ (what `make crds` writes) is a template of the release, as it is but for the
+    chart's labels and the keep policy: Helm installs and upgrades it. Helm's own crds/ directory is gone:
+    it would install the CRDs once and never upgrade them."""
+    files = CHART / "files" / "crds"
+    assert files.is_symlink() and files.resolve() == CRDS.resolve()
+    assert not (CHART / "crds").exists()
+    docs = objects(template(control_plane, tmp_path))
+    rendered = {d["metadata"]["name"]: d for d in find(docs, "CustomResourceDefinition")}
+    assert set(rendered) == set(CRD_NAMES)
+    for name, crd in rendered.items():
+        metadata = crd.pop("metadata")
+        assert metadata["annotations"] == {"helm.sh/resource-policy": "keep"}
+        assert metadata["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        source = yaml.safe_load((CRDS / f"{name}.yaml").read_text())
+        assert {"metadata": {"name": name}, **crd} == source
+    # crds.keep: false leaves the annotation off; crds.install: false, the CRDs.
+    docs = objects(template(control_plane, tmp_path, {"crds": {"keep": False}}))
+    assert all("annotations" not in d["metadata"] for d in find(docs, "CustomResourceDefinition"))
+    assert not find(
+        objects(template(control_plane, tmp_path, {"crds": {"install": False}})), "CustomResourceDefinition"
+    )
     # `helm package` follows the symlink: the packaged chart carries the files themselves.
     helm(control_plane, "package", str(CHART), "--destination", str(tmp_path))
     packaged = next(tmp_path.glob("outbound-relay-*.tgz"))
-    import tarfile
-
     with tarfile.open(packaged) as tgz:
         members = {m.name: m for m in tgz.getmembers()}
-    for crd in CRDS.glob("*.yaml"):
-        member = members[f"outbound-relay/crds/{crd.name}"]
-        assert member.isfile()
+    for crd_file in CRDS.glob("*.yaml"):
+        assert members[f"outbound-relay/files/crds/{crd_file.name}"].isfile()
+    assert not [m for m in members if m.startswith("outbound-relay/crds/")]
+
+
+def test_a_new_file_in_crds_is_templated_without_a_chart_change(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The template takes every file of the directory (.Files.Glob): a CRD kind added to the models and
+    written by `make crds` ships without a chart change. On a copy of the chart with one more file."""
+    chart = tmp_path / "outbound-relay"
+    shutil.copytree(CHART, chart, symlinks=False, ignore=shutil.ignore_patterns("crds"))
+    (chart / "files" / "crds").mkdir()
+    for crd_file in CRDS.glob("*.yaml"):
+        shutil.copy(crd_file, chart / "files" / "crds" / crd_file.name)
+    extra = yaml.safe_load((CRDS / f"{CRD_NAMES[0]}.yaml").read_text())
+    extra["metadata"]["name"] = "outboundwidgets.outboundrelay.io"
+    extra["spec"]["names"] |= {
+        "kind": "OutboundWidget",
+        "plural": "outboundwidgets",
+        "singular": "outboundwidget",
+    }
+    extra["spec"]["names"].pop("shortNames", None)
+    (chart / "files" / "crds" / "outboundwidgets.outboundrelay.io.yaml").write_text(yaml.safe_dump(extra))
+    out = helm(
+        control_plane, "template", "x", str(chart), "--namespace", "outbound-relay-system",
+        "--show-only", "templates/crds.yaml",
+    ).stdout  # fmt: skip
+    names = {d["metadata"]["name"] for d in objects(out)}
+    assert names == {*CRD_NAMES, "outboundwidgets.outboundrelay.io"}
+    hook = helm(
+        control_plane, "template", "x", str(chart), "--namespace", "outbound-relay-system",
+        "--show-only", TEST_HOOK,
+    ).stdout  # fmt: skip
+    (role,) = find(objects(hook), "ClusterRole")
+    assert set(role["rules"][0]["resourceNames"]) == names  # the helm test checks the new one too
+
+
+@pytest.mark.parametrize(
+    ("values", "operator", "sidecar"),
+    [
+        ({}, "ghcr.io/outbound-relay/outbound-relay:0.1.0", "ghcr.io/outbound-relay/outbound-relay:0.1.0"),
+        (
+            {"image": {"digest": "sha256:" + "1" * 64, "tag": "ignored"}},
+            "ghcr.io/outbound-relay/outbound-relay@sha256:" + "1" * 64,
+            "ghcr.io/outbound-relay/outbound-relay@sha256:" + "1" * 64,
+        ),
+        (
+            {
+                "image": {"digest": "sha256:" + "1" * 64},
+                "relay": {"image": {"repository": "r.example/relay"}},
+            },
+            "ghcr.io/outbound-relay/outbound-relay@sha256:" + "1" * 64,
+            "r.example/relay:0.1.0",  # another image: the operator's digest does not apply
+        ),
+        (
+            {"relay": {"image": {"repository": "r.example/relay", "digest": "sha256:" + "2" * 64}}},
+            "ghcr.io/outbound-relay/outbound-relay:0.1.0",
+            "r.example/relay@sha256:" + "2" * 64,
+        ),
+    ],
+)
+def test_image_digest(
+    control_plane: ControlPlane, tmp_path: Path, values: dict[str, Any], operator: str, sidecar: str
+) -> None:
+    docs = objects(template(control_plane, tmp_path, values))
+    (deployment,) = find(docs, "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == operator
+    (sidecar_config,) = find(docs, "ConfigMap", "-sidecar")
+    assert yaml.safe_load(sidecar_config["data"]["sidecar.yaml"])["image"] == sidecar
+    hook = template(control_plane, tmp_path, values, show_only=TEST_HOOK)
+    (pod,) = find(objects(hook), "Pod")
+    assert pod["spec"]["containers"][0]["image"] == operator
+
+
+RESTRICTED_CONTAINER = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 
 def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """Pod Security "restricted", and no fixed UID, GID or fsGroup: OpenShift's restricted SCC assigns the
+    UID from the namespace's range and refuses any other (the image's own user is 65532)."""
     docs = objects(template(control_plane, tmp_path))
     (deployment,) = find(docs, "Deployment")
     spec = deployment["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     (container,) = pod["containers"]
-    security = container["securityContext"]
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"] == RESTRICTED_CONTAINER
+    (hook_pod,) = find(objects(template(control_plane, tmp_path, show_only=TEST_HOOK)), "Pod")
+    assert hook_pod["spec"]["securityContext"] == pod["securityContext"]
+    assert hook_pod["spec"]["containers"][0]["securityContext"] == RESTRICTED_CONTAINER
+    # A UID of one's own, where a platform wants it.
+    values = {"operator": {"podSecurityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 2000}}}
+    (deployment,) = find(objects(template(control_plane, tmp_path, values)), "Deployment")
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 1000
     assert {"startupProbe", "livenessProbe", "readinessProbe"} <= container.keys()
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert "--all-namespaces" in container["args"]
@@ -251,6 +401,11 @@ def test_webhook_configuration_cannot_take_a_namespace_down(
     {"relay": {"resources": {"limits": {"cpu": "1.2.3"}}}},
     {"relay": {"hooksConfigMap": "Mail_Hooks"}},
     {"image": {"repository": ""}},
+    {"image": {"digest": "latest"}},
+    {"relay": {"image": {"digest": "sha256:xyz"}}},
+    {"crds": {"install": "yes"}},
+    {"metrics": {"prometheusRule": {"deferralRatio": 2}}},
+    {"metrics": {"grafanaDashboard": {"namespace": "Monitoring"}}},
     {"unknownTopLevel": True},
 ])  # fmt: skip
 def test_values_schema_rejects_mistakes(
@@ -272,6 +427,13 @@ def test_rbac_has_no_wildcards_and_writes_only_its_secret(
 ) -> None:
     values = _with_namespace({**VARIANTS, **CRD_DEPENDENT}[variant], "mail")
     rules = _rules(objects(template(control_plane, tmp_path, values)))
+    hook_rules = _rules(objects(template(control_plane, tmp_path, values, show_only=TEST_HOOK)))
+    # The `helm test` Pod's: get, by name, of the CRDs and the webhook configuration only.
+    assert hook_rules and all(rule["verbs"] == ["get"] and rule["resourceNames"] for rule in hook_rules)
+    assert {r for rule in hook_rules for r in rule["resources"]} <= {
+        "customresourcedefinitions",
+        "mutatingwebhookconfigurations",
+    }
     for rule in rules:
         for field in ("apiGroups", "resources", "verbs", "resourceNames"):
             assert "*" not in rule.get(field, ()), rule
@@ -317,11 +479,17 @@ def test_install_and_uninstall(
     control_plane: ControlPlane, k8s_client: client.ApiClient, namespace: str, tmp_path: Path
 ) -> None:
     release = release_name()
+    hand_crds_to(control_plane, release, namespace)
     out = helm(
         control_plane, "install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s"
     )
     assert "STATUS: deployed" in out.stdout
     _wait_established(k8s_client, set(CRD_NAMES))
+    extensions = client.ApiextensionsV1Api(k8s_client)
+    for name in CRD_NAMES:  # the release owns them: `helm upgrade` upgrades them
+        annotations = read_json(extensions.read_custom_resource_definition, name)["metadata"]["annotations"]
+        assert annotations["meta.helm.sh/release-name"] == release
+        assert annotations["helm.sh/resource-policy"] == "keep"
 
     apps = client.AppsV1Api(k8s_client)
     fullname = f"{release}-outbound-relay"
@@ -355,8 +523,8 @@ def test_install_and_uninstall(
     assert configuration not in [c["metadata"]["name"] for c in listed]
     roles = read_json(client.RbacAuthorizationV1Api(k8s_client).list_cluster_role)["items"]
     assert not [r for r in roles if r["metadata"]["name"].startswith(fullname)]
-    # Helm never deletes what crds/ installed: policies survive an uninstall.
-    _wait_established(k8s_client, {CRD_NAMES[0]})
+    # helm.sh/resource-policy: keep: the CRDs, and so every policy, survive an uninstall.
+    _wait_established(k8s_client, set(CRD_NAMES))
 
 
 def test_watch_namespaces_confine_secret_access(
@@ -367,6 +535,7 @@ def test_watch_namespaces_confine_secret_access(
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=watched)))
     release = release_name()
     try:
+        hand_crds_to(control_plane, release, namespace)
         helm(
             control_plane, "install", release, str(CHART), "--namespace", namespace,
             "--set", f"operator.watchNamespaces={{{watched}}}", "--wait", "--timeout", "120s",
@@ -491,3 +660,41 @@ def test_default_sidecar_fits_a_namespace_with_a_cpu_limit_quota(
         control_plane.kubectl(
             "create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(without)
         )
+
+
+def _notes(control_plane: ControlPlane, tmp_path: Path, values: dict[str, Any] | None = None) -> str:
+    # Without the CRDs: Helm would check who owns those the other tests left in the cluster.
+    values = {"crds": {"install": False}, **(values or {})}
+    out = helm(
+        control_plane, "install", release_name("notes"), str(CHART), "--namespace", "outbound-relay-system",
+        "--dry-run=client", "--values", str(values_file(tmp_path, values)),
+    ).stdout  # fmt: skip
+    return out.split("\nNOTES:\n", 1)[1]
+
+
+def test_notes_commands_work_as_written(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """NOTES.txt's commands name the opt-in label, the sidecar's container and config file and metrics
+    port, and parse with the relay's own CLI; the test message's Python is valid."""
+    notes = _notes(control_plane, tmp_path, {"relay": {"metricsPort": 9525}})
+    commands = [
+        shlex.split(line.strip())
+        for line in notes.splitlines()
+        if line.strip().startswith(("kubectl", "helm"))
+    ]
+    label = next(c for c in commands if c[:3] == ["kubectl", "label", "namespace"])
+    assert label[-1] == f"{NAMESPACE_LABEL}=enabled"
+    execs = [c for c in commands if c[:2] == ["kubectl", "exec"]]
+    assert len(execs) == 2
+    for command in execs:
+        assert command[command.index("-c") + 1] == CONTAINER_NAME
+    send, explain = (c[c.index("--") + 1 :] for c in execs)
+    assert send[:2] == ["python", "-c"]
+    compile(send[2], "NOTES.txt", "exec")
+    assert "smtplib.SMTP('127.0.0.1', 2525)" in send[2]
+    assert explain[0] == "outbound-relay"
+    parsed = relay_cli.build_parser().parse_args(explain[1:])
+    assert str(parsed.config) == CONFIG_FILE and parsed.metrics_port == 9525 and parsed.rcpt
+    assert next(c for c in commands if c[0] == "helm")[:2] == ["helm", "test"]
+    # Without the webhook no sidecar: nothing to exec into.
+    notes = _notes(control_plane, tmp_path, {"webhook": {"enabled": False}})
+    assert "kubectl exec" not in notes and f"{NAMESPACE_LABEL}=enabled" in notes

@@ -161,6 +161,9 @@ def quick_start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuickStart
 
 def test_readme_quick_start_on_a_real_node(quick_start: QuickStart) -> None:
     out = quick_start.outputs
+    # `helm test`: the chart's test Pod ran on the node and found the CRDs and the webhook working.
+    tested = out["helm test outbound-relay --namespace outbound-relay-system"]
+    assert re.search(r"TEST SUITE:\s+outbound-relay-test\n.*\n.*\nPhase:\s+Succeeded", tested), tested
     pod = out["kubectl get pod mailer -n mail"].splitlines()
     assert pod[0].split()[:3] == ["NAME", "READY", "STATUS"]
     assert pod[1].split()[:3] == ["mailer", "2/2", "Running"]  # the app and the relay sidecar

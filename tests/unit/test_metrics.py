@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from outbound_relay.metrics import RelayMetrics
 from tests.peers.certs import TLSFiles
+from tests.support.promtool import promtool
 from tests.support.relay import message, running_relay, submit, write_config
 from tests.support.upstream import AuthUpstream
 
@@ -32,15 +29,6 @@ CONTRACT = {
     "process_cpu_seconds_total": set(),
     "python_info": {"implementation", "major", "minor", "patchlevel", "version"},
 }
-
-
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("promtool missing (Debian package prometheus); hack/setup installs it")
-        pytest.skip("promtool missing (Debian package prometheus); run hack/setup")
-    return found
 
 
 def samples(text: str) -> dict[str, set[str]]:

@@ -99,12 +99,20 @@ def test_native_sidecar_with_the_rendered_config() -> None:
 
 
 def test_security_context_is_locked_down() -> None:
+    """The "restricted" Pod Security Standard, and by default no fixed UID or GID: the image's (65532), or
+    on OpenShift the one its restricted SCC assigns from the namespace's range, which refuses any other."""
     security = sidecar_of(inject(pod(OPTED_IN), SETTINGS))["securityContext"]
-    assert security["runAsNonRoot"] is True and security["runAsUser"] == 65532
-    assert security["readOnlyRootFilesystem"] is True
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["privileged"] is False
-    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security == {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    fixed = SETTINGS.model_copy(update={"run_as_user": 1000, "run_as_group": 3000})
+    security = sidecar_of(inject(pod(OPTED_IN), fixed))["securityContext"]
+    assert security["runAsUser"] == 1000 and security["runAsGroup"] == 3000 and security["runAsNonRoot"]
 
 
 def test_resources_and_image_come_from_the_settings() -> None:

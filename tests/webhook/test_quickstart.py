@@ -23,7 +23,7 @@ from outbound_operator import webhook as webhook_module
 from outbound_operator.webhook import MUTATE_PATH
 from outbound_operator.webhook_certs import RotationSettings
 from tests.cluster.controlplane import REPO, ControlPlane
-from tests.helm.chart import CHART, find, helm, objects, read_json, release_name
+from tests.helm.chart import CHART, find, hand_crds_to, helm, objects, read_json, release_name
 from tests.support.process import terminate
 from tests.webhook.conftest import ThreadedWebhook, free_port, wait_for
 
@@ -59,6 +59,9 @@ def test_quick_start(
     release = release_name("quick")
     port = free_port()
     url = f"https://127.0.0.1:{port}{MUTATE_PATH}"
+    # The cluster is shared with other tests, which may have made the CRDs already: hand them to this
+    # release first, as docs/helm.md's upgrade notes say (on a fresh cluster there is nothing to hand over).
+    hand_crds_to(control_plane, release, system)
     # helm install outbound-relay charts/outbound-relay --namespace outbound-relay-system --create-namespace
     helm(
         control_plane, "install", release, str(CHART), "--namespace", system, "--create-namespace",

@@ -61,14 +61,39 @@ app.kubernetes.io/part-of: outbound-relay
 {{- end }}
 {{- end }}
 
+{{/* The operator's image: repository@digest when image.digest is set (the tag is then ignored). */}}
 {{- define "outbound-relay.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+{{- end }}
 
+{{/*
+The sidecar's image: relay.image.* where set, else the operator's image (with its digest, if any).
+relay.image.digest pins the sidecar's own; a relay.image.repository or tag of its own drops image.digest,
+which names another image.
+*/}}
 {{- define "outbound-relay.relayImage" -}}
-{{- $repository := default .Values.image.repository .Values.relay.image.repository }}
-{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.relay.image.tag }}
-{{- printf "%s:%s" $repository $tag }}
+{{- $relay := .Values.relay.image }}
+{{- $repository := default .Values.image.repository $relay.repository }}
+{{- if $relay.digest }}
+{{- printf "%s@%s" $repository $relay.digest }}
+{{- else if or $relay.repository $relay.tag }}
+{{- printf "%s:%s" $repository (default (default .Chart.AppVersion .Values.image.tag) $relay.tag) }}
+{{- else }}
+{{- include "outbound-relay.image" . }}
+{{- end }}
+{{- end }}
+
+{{/* The CRD files the chart ships (files/crds/, all of them). */}}
+{{- define "outbound-relay.crdNames" -}}
+{{- $names := list }}
+{{- range $path, $_ := .Files.Glob "files/crds/*.yaml" }}
+{{- $names = append $names ($.Files.Get $path | fromYaml).metadata.name }}
+{{- end }}
+{{- toJson $names }}
 {{- end }}
 
 {{/* Cluster-scoped names carry the namespace too: one release name may be installed in two namespaces. */}}
@@ -144,8 +169,12 @@ image: {{ include "outbound-relay.relayImage" . | quote }}
 imagePullPolicy: {{ default .Values.image.pullPolicy .Values.relay.image.pullPolicy }}
 resources:
   {{- toYaml .Values.relay.resources | nindent 2 }}
-runAsUser: {{ .Values.relay.runAsUser }}
-runAsGroup: {{ .Values.relay.runAsGroup }}
+{{- with .Values.relay.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with .Values.relay.runAsGroup }}
+runAsGroup: {{ . }}
+{{- end }}
 metricsPort: {{ .Values.relay.metricsPort }}
 logLevel: {{ .Values.relay.logLevel }}
 shutdownTimeoutSeconds: {{ .Values.relay.shutdownTimeoutSeconds }}
