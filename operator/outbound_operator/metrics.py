@@ -39,6 +39,11 @@ class OperatorMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
+        self.leader = Gauge(
+            "outbound_operator_leader",
+            "1 while this replica holds the leader Lease and writes; 0 while it follows.",
+            registry=self.registry,
+        )
         for result in ReconcileResult:
             self.reconciles.labels(result=result.value)
         for kind in POLICY_CONDITIONS:

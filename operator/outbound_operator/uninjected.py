@@ -6,6 +6,8 @@ restart, an upgrade, a node drain) is admitted as written, without the relay, an
 it serves the webhook and then periodically, in every namespace labelled for injection, for Pods that
 carry `outboundrelay.io/inject: "true"` but no sidecar, and reports each one once: a Warning Event
 `SidecarNotInjected` on the Pod (`kubectl describe pod`, `kubectl get events`) and a log line naming it.
+With leader election only the leader scans (and posts): a new leader reports again, once, the Pods its
+predecessor had reported.
 """
 
 from __future__ import annotations
@@ -40,10 +42,16 @@ async def _items(call: Callable[..., Any], *args: Any, **kwargs: Any) -> list[di
     return list(json.loads(response.data).get("items") or [])
 
 
-async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> list[str]:
-    """Report every opted-in Pod without the sidecar not reported yet; return their namespace/name."""
+async def scan(
+    kube: KubeApi,
+    excluded: Collection[str],
+    reported: set[str],
+    may_write: Callable[[], bool] = lambda: True,
+) -> list[str]:
+    """Report every opted-in Pod without the sidecar not reported yet; return their namespace/name. Stops
+    before an Event once `may_write` (the leader election's `leading`) turns false."""
     labelled = await _items(kube.core.list_namespace, label_selector=f"{NAMESPACE_LABEL}=enabled")
-    found = []
+    found: list[str] = []
     for namespace in labelled:
         name = namespace["metadata"]["name"]
         if name in excluded:
@@ -54,6 +62,8 @@ async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> 
                 continue
             if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                 continue
+            if not may_write():
+                return found
             involved = {"apiVersion": "v1", "kind": "Pod", "namespace": name, "name": meta["name"]}
             await kube.post_event(
                 {**involved, "uid": meta["uid"]}, type="Warning", reason=REASON, message=MESSAGE
@@ -64,8 +74,13 @@ async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> 
     return found
 
 
-def register(registry: kopf.OperatorRegistry, kube: KubeApi, excluded: Collection[str]) -> None:
-    """Scan in the background while the operator (and so its webhook) runs."""
+def register(
+    registry: kopf.OperatorRegistry,
+    kube: KubeApi,
+    excluded: Collection[str],
+    may_write: Callable[[], bool] = lambda: True,
+) -> None:
+    """Scan in the background while the operator (and so its webhook) runs, while `may_write`."""
     tasks: list[asyncio.Task[None]] = []
 
     async def loop() -> None:
@@ -73,7 +88,8 @@ def register(registry: kopf.OperatorRegistry, kube: KubeApi, excluded: Collectio
         await asyncio.sleep(FIRST_SCAN_SECONDS)
         while True:
             try:
-                await scan(kube, excluded, reported)
+                if may_write():
+                    await scan(kube, excluded, reported, may_write)
             except Exception:  # an API hiccup: the next pass tries again
                 log.exception("looking for Pods without the sidecar failed")
             await asyncio.sleep(SCAN_SECONDS)
