@@ -107,13 +107,12 @@ def _add_leader_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--lease-namespace",
-        default=os.environ.get("POD_NAMESPACE", ""),
-        help="the Lease's namespace (env POD_NAMESPACE)",
+        help="the Lease's namespace (default: env POD_NAMESPACE, the operator's)",
     )
     group.add_argument(
         "--lease-identity",
-        default=os.environ.get("POD_NAME") or socket.gethostname(),
-        help="this replica's holderIdentity, unique among replicas (env POD_NAME, else the host name)",
+        help="this replica's holderIdentity, unique among replicas (default: env POD_NAME, else the host "
+        "name)",
     )
     group.add_argument(
         "--lease-duration",
@@ -131,8 +130,8 @@ def lease_settings(args: argparse.Namespace) -> LeaseSettings | None:
         return None
     try:
         return LeaseSettings.scaled(
-            namespace=args.lease_namespace,
-            identity=args.lease_identity,
+            namespace=args.lease_namespace or os.environ.get("POD_NAMESPACE", ""),
+            identity=args.lease_identity or os.environ.get("POD_NAME") or socket.gethostname(),
             name=args.lease_name,
             lease_duration=args.lease_duration,
         )
