@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import base64
 import datetime
+import signal
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 
+from outbound_operator.webhook import MUTATE_PATH
 from outbound_operator.webhook_certs import RotationSettings, SharedCertificates
-from tests.operator.cluster import call_json
-from tests.webhook.conftest import Registration, free_port, wait_for
+from tests.cluster.controlplane import ControlPlane
+from tests.operator.cluster import CRD_DIR, OperatorProcess, call_json
+from tests.webhook.conftest import Registration, create_pod, free_port, make_pod, wait_for
 
 pytestmark = pytest.mark.cluster
 
 SECRET = "outbound-relay-webhook-tls"
+OPT_IN = {"outboundrelay.io/inject": "true"}
 
 
 def served_certificate(port: int, bundle: bytes) -> bytes | None:
@@ -105,3 +110,70 @@ def test_a_rotation_keeps_every_replica_trusted(registration: Registration) -> N
         10,
         "both replicas serve the same certificate",
     )
+
+
+def test_both_operator_replicas_admit_pods_and_the_follower_keeps_doing_so_when_the_leader_dies(
+    control_plane: ControlPlane,
+    registration: Registration,
+    injected_namespace: str,
+    tmp_path: Path,
+) -> None:
+    """Two `outbound-operator --leader-elect` processes with the webhook on: the follower serves the
+    webhook too, with the certificate the caBundle trusts. The API server is pointed at the follower and
+    the leader is killed: Pods keep being injected."""
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    admission = client.AdmissionregistrationV1Api(registration.api)
+
+    def replica(identity: str, port: int) -> OperatorProcess:
+        return OperatorProcess(
+            control_plane.kubeconfig,
+            [injected_namespace],
+            tmp_path / f"operator-{identity}.log",
+            f"--webhook-port={port}",
+            "--webhook-host=127.0.0.1",
+            f"--webhook-namespace={registration.operator_namespace}",
+            f"--webhook-configuration={registration.configuration}",
+            "--webhook-cert-ip-address=127.0.0.1",
+            f"--webhook-cert-secret={SECRET}",
+            "--leader-elect",
+            f"--lease-namespace={registration.operator_namespace}",
+            f"--lease-identity={identity}",
+            "--lease-duration=3",
+        )
+
+    def holder() -> str:
+        lease = call_json(
+            client.CoordinationV1Api(registration.api).read_namespaced_lease,
+            "outbound-operator",
+            registration.operator_namespace,
+        )
+        return str(lease["spec"].get("holderIdentity") or "")
+
+    leader = replica("replica-a", registration.port)
+    try:
+        wait_for(lambda: holder() == "replica-a", 30, "replica-a leads")
+        follower_port = free_port()
+        follower = replica("replica-b", follower_port)
+        try:
+            registration.wait_until_injecting(injected_namespace)  # through the leader
+            bundle = published(registration)
+            served = served_certificate(registration.port, bundle)
+            assert served is not None and served_certificate(follower_port, bundle) == served
+            # The API server now calls the follower only.
+            url = f"https://127.0.0.1:{follower_port}{MUTATE_PATH}"
+            admission.patch_mutating_webhook_configuration(
+                registration.configuration,
+                [{"op": "replace", "path": "/webhooks/0/clientConfig/url", "value": url}],
+            )
+            leader.proc.send_signal(signal.SIGKILL)
+            leader.proc.wait()
+            stored = create_pod(registration.api, injected_namespace, make_pod("mailer", OPT_IN))
+            assert "outbound-relay" in [c["name"] for c in stored["spec"].get("initContainers", ())]
+            wait_for(lambda: holder() == "replica-b", 15, "replica-b leads")
+            assert published(registration) == bundle  # the new leader re-asserts the same caBundle
+        finally:
+            follower.stop()
+            print(follower.logs()[-10000:])
+    finally:
+        leader.stop()
+        print(leader.logs()[-10000:])
