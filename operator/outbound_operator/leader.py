@@ -152,6 +152,8 @@ class LeaderElector:
             await asyncio.sleep(self.settings.retry_period)
 
     def _renewed(self, started: float) -> None:
+        if self.clock() >= started + self.settings.renew_deadline:
+            return  # a request that took past the deadline proves nothing: the next attempt decides
         self._renewed_at = started
         if self._deadline is not None:
             self._deadline.cancel()

@@ -152,6 +152,14 @@ def test_operator_runs_highly_available(control_plane: ControlPlane, tmp_path: P
     docs = objects(template(control_plane, tmp_path, {"operator": {"affinity": own}}))
     assert find(docs, "Deployment")[0]["spec"]["template"]["spec"]["affinity"] == own
 
+    on_the_node = {"operator": {"hostNetwork": True}}
+    docs = objects(template(control_plane, tmp_path, on_the_node))
+    strategy = find(docs, "Deployment")[0]["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {
+        "maxUnavailable": 1,
+        "maxSurge": 0,
+    }  # the node's ports: one at a time
+
     single = {"operator": {"replicas": 1, "leaderElection": {"enabled": False}}}
     docs = objects(template(control_plane, tmp_path, single))
     (deployment,) = find(docs, "Deployment")
