@@ -10,15 +10,18 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Sequence
 
 import kopf
 
-from outbound_operator import handlers, uninjected, webhook
+from outbound_operator import handlers, leader, uninjected, webhook
 from outbound_operator.controller import Controller, ControllerSettings
 from outbound_operator.kubeapi import KubeApi, load_api_client
+from outbound_operator.leader import LeaderElector, LeaseSettings
 from outbound_operator.metrics import OperatorMetrics
 from outbound_operator.namespaces import Namespaces, ServeSettings, parse_label
+from outbound_operator.resources import MANAGER
 from outbound_relay.hardening import disable_core_dumps
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,52 @@ def _add_rendering_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_leader_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("high availability (docs/operator.md)")
+    group.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run as one of several replicas: only the holder of a Lease writes, every replica serves the "
+        "webhooks (off: this process always writes)",
+    )
+    group.add_argument(
+        "--lease-name", default=leader.DEFAULT_LEASE_NAME, help=f"the Lease ({leader.DEFAULT_LEASE_NAME})"
+    )
+    group.add_argument(
+        "--lease-namespace",
+        help="the Lease's namespace (default: env POD_NAMESPACE, the operator's)",
+    )
+    group.add_argument(
+        "--lease-identity",
+        help="this replica's holderIdentity, unique among replicas (default: env POD_NAME, else the host "
+        "name)",
+    )
+    group.add_argument(
+        "--lease-duration",
+        type=float,
+        default=LeaseSettings.lease_duration,
+        metavar="SECONDS",
+        help="how long a silent leader keeps the Lease; it stops writing after 2/3 of it without a renewal, "
+        f"and tries every 2/15 of it ({LeaseSettings.lease_duration:g})",
+    )
+
+
+def lease_settings(args: argparse.Namespace) -> LeaseSettings | None:
+    """None without --leader-elect; SystemExit (argparse's) for bad options."""
+    if not args.leader_elect:
+        return None
+    try:
+        return LeaseSettings.scaled(
+            namespace=args.lease_namespace or os.environ.get("POD_NAMESPACE", ""),
+            identity=args.lease_identity or os.environ.get("POD_NAME") or socket.gethostname(),
+            name=args.lease_name,
+            lease_duration=args.lease_duration,
+        )
+    except ValueError as error:
+        raise SystemExit(f"outbound-operator: {error}") from None
+
+
 def serve_settings(args: argparse.Namespace) -> ServeSettings:
     """Which namespaces to serve and how to get rights there; SystemExit (argparse's) for bad options."""
     if args.bind_cluster_role and not args.service_account:
@@ -123,28 +172,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scope_options(parser)
     _add_serving_options(parser)
     _add_rendering_options(parser)
+    _add_leader_options(parser)
     webhook.add_arguments(parser)
     return parser
 
 
 async def run(args: argparse.Namespace) -> None:
+    lease = lease_settings(args)
     metrics = OperatorMetrics()
     metrics_server = metrics.serve(args.metrics_host, args.metrics_port) if args.metrics_port else None
     api_client = load_api_client()
-    kube = KubeApi(api_client)
+    kube = KubeApi(api_client, instance=lease.identity if lease is not None else MANAGER)
     controller = Controller(
         kube,
         metrics,
         ControllerSettings(debounce_seconds=args.debounce, secret_resync_seconds=args.secret_resync),
     )
-    namespaces = Namespaces(controller.api, controller, serve_settings(args))
+    elector: LeaderElector | None = None
+    if lease is not None:
+
+        def lead() -> None:
+            metrics.leader.set(1)
+            namespaces.lead()
+
+        def follow() -> None:
+            metrics.leader.set(0)
+            namespaces.follow()
+            # What only the leader knows: another replica may change it from now on.
+            metrics.clear_revisions()
+            metrics.set_pods_without_sidecar({})
+
+        elector = LeaderElector(api_client, lease, on_lead=lead, on_follow=follow)
+    else:
+        metrics.leader.set(1)
+    may_write = elector.leading if elector is not None else lambda: True
+    controller.fence(may_write)
+    namespaces = Namespaces(
+        controller.api, controller, serve_settings(args), leading=elector is None, may_write=may_write
+    )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, controller, namespaces)
+    if elector is not None:
+        leader.register(registry, elector)
     webhook_settings = webhook.settings_from_args(args)  # None unless --webhook-port is given
     if webhook_settings is not None:
-        webhook.register(webhook_settings, registry, api=api_client, metrics=metrics)
+        webhook.register(webhook_settings, registry, api=api_client, metrics=metrics, may_write=may_write)
         uninjected.register(
-            registry, kube, webhook_settings.never_injected, controller.set_pods_without_sidecar
+            registry, kube, webhook_settings.never_injected, may_write, controller.set_pods_without_sidecar
         )
     log.info(
         "outbound-operator starting: %s, metrics on %s",
@@ -154,7 +228,9 @@ async def run(args: argparse.Namespace) -> None:
     try:
         await kopf.operator(
             registry=registry,
-            standalone=True,  # one replica; kopf's peering would need its own CRDs
+            # kopf's peering would need its own CRDs, and pauses watches rather than writes: the Lease
+            # (leader.py) decides who writes, and every replica keeps its watches and webhooks.
+            standalone=True,
             clusterwide=args.all_namespaces,
             namespaces=args.namespaces or (),
             liveness_endpoint=args.liveness or None,

@@ -108,6 +108,10 @@ class SecretTooLargeError(RuntimeError):
     """The rendered Secret would exceed the API server's 1 MiB limit."""
 
 
+class NotLeadingError(RuntimeError):
+    """This replica does not hold the leader Lease (leader.py): it writes nothing."""
+
+
 def _write_failure(namespace: str, error: BaseException) -> tuple[str, str]:
     """Reason and message of Ready=False when the rendered Secret could not be written."""
     if isinstance(error, NotManagedError):
@@ -229,6 +233,16 @@ class Controller:
         self._serves: Callable[[str], bool] = lambda _namespace: True
         self.hooks = HookChecker()
         self._settings_crd_missing_logged = False
+        self._may_write: Callable[[], bool] = lambda: True
+
+    def fence(self, may_write: Callable[[], bool]) -> None:
+        """Check `may_write` (the leader election's `leading`) before every write: a replica that lost the
+        Lease stops at its next write, even before it was told (docs/operator.md, "High availability")."""
+        self._may_write = may_write
+
+    def _check_writable(self, namespace: str) -> None:
+        if not self._may_write():
+            raise NotLeadingError(f"namespace {namespace}: not the leader, nothing written")
 
     def gate(self, serves: Callable[[str], bool]) -> None:
         """Render only the namespaces for which `serves` is true (namespaces.py decides); events of any
@@ -379,6 +393,9 @@ class Controller:
             state.dirty = False
             try:
                 await self.reconcile(namespace)
+            except NotLeadingError as error:
+                log.info("%s", error)  # the new leader reconciles; this replica no longer does
+                return
             except ConflictError:
                 log.info("namespace %s changed while being written; reconciling again", namespace)
                 self.metrics.reconciles.labels(result=ReconcileResult.ERROR.value).inc()
@@ -447,8 +464,8 @@ class Controller:
             result = await self._write_rendered(
                 namespace, state, rendering, current, has_sources=bool(policies or settings_bodies)
             )
-        except ConflictError:
-            raise  # reconciled again at once: the statuses follow from that
+        except (ConflictError, NotLeadingError):
+            raise  # reconciled again at once (the statuses follow from that), or by the leader
         except Exception as error:
             # The relay keeps the Secret in place, so no object may say Ready=True for what it never got.
             reason, message = _write_failure(namespace, error)
@@ -593,6 +610,7 @@ class Controller:
             # The garbage collector would delete it too (no owner left); deleting now is quicker.
             if current is None:
                 return ReconcileResult.UNCHANGED
+            self._check_writable(namespace)
             await self.api.delete_rendered(namespace, current)
             self.metrics.set_revision(namespace, None)
             return ReconcileResult.WRITTEN
@@ -614,6 +632,7 @@ class Controller:
                 f"the rendered Secret {namespace}/{RENDERED_SECRET} would hold {size} bytes, more than the "
                 f"{MAX_SECRET_BYTES} the API server accepts; the one in place is kept"
             )
+        self._check_writable(namespace)
         await self.api.write_rendered(
             namespace,
             data=data,
@@ -654,12 +673,15 @@ class Controller:
             patch = status_patch(new, current)
             # Recorded before patching: the watch event of the patch may arrive before the patch returns.
             state.confirmed[str(metadata.get("uid"))] = (int(metadata.get("generation", 0)), new)
+            if patch is not None:
+                self._check_writable(namespace)
             if patch is not None and not await self.api.patch_status(
                 plural, namespace, metadata["name"], patch
             ):
                 return  # deleted meanwhile
             note = readiness_event(verdict, current)
             if note is not None:
+                self._check_writable(namespace)
                 involved = {
                     "apiVersion": API_VERSION,
                     "kind": kind,

@@ -72,8 +72,10 @@ class RenderedSecret:
 
 
 class KubeApi:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, *, instance: str = MANAGER) -> None:
         self.api = api
+        self.instance = instance
+        """reportingInstance of the Events posted: which replica (its Lease identity) wrote them."""
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
@@ -210,7 +212,7 @@ class KubeApi:
             "message": message[:1024],
             "source": {"component": MANAGER},
             "reportingComponent": MANAGER,
-            "reportingInstance": MANAGER,
+            "reportingInstance": self.instance,
             "firstTimestamp": now,
             "lastTimestamp": now,
             "count": 1,

@@ -76,6 +76,11 @@ class OperatorMetrics:
             ["webhook", "result"],
             registry=self.registry,
         )
+        self.leader = Gauge(
+            "outbound_operator_leader",
+            "1 while this replica holds the leader Lease and writes; 0 while it follows.",
+            registry=self.registry,
+        )
         for result in ReconcileResult:
             self.reconciles.labels(result=result.value)
         for webhook in Webhook:

@@ -11,6 +11,10 @@ A namespace is served when its name matches `--namespace` (or `--all-namespaces`
   Secrets of other namespaces never pass through its memory. Events of Secrets no policy references are
   dropped on arrival. The same for ConfigMaps: only those the namespace's OutboundRelaySettings names
   (its Lua hooks) are kept.
+
+With leader election (leader.py) only the leader serves: a follower only keeps the set of namespaces it
+would serve, and starts serving them all afresh (RoleBinding, full reconciliation, new watch) when it
+becomes leader; a leader that loses the Lease stops serving every namespace at once.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from outbound_operator.controller import Controller, describe_error
+from outbound_operator.controller import Controller, NotLeadingError, describe_error
 from outbound_operator.kubeapi import KubeApi, WatchError, WatchExpiredError
 
 log = logging.getLogger(__name__)
@@ -60,28 +64,67 @@ def parse_label(text: str) -> tuple[str, str]:
 class Namespaces:
     """Starts and stops serving namespaces as their Namespace objects come and go and change labels."""
 
-    def __init__(self, api: KubeApi, controller: Controller, settings: ServeSettings) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        controller: Controller,
+        settings: ServeSettings,
+        *,
+        leading: bool = True,
+        may_write: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.api = api
         self.controller = controller
         self.settings = settings
         self._served: dict[str, asyncio.Task[None]] = {}
         self._unbinding: set[asyncio.Task[None]] = set()
+        self._wanted: set[str] = set()  # what would be served, kept by followers too
+        self._leading = leading  # serving (lead()) or only keeping _wanted (follow())
+        self._may_write = may_write  # checked before each RoleBinding write
         controller.gate(self.served)
 
     def served(self, namespace: str) -> bool:
         return namespace in self._served
 
+    def lead(self) -> None:
+        """Became leader: serve every wanted namespace from scratch. Nothing learned while following is
+        trusted: the RoleBinding is checked, the namespace fully reconciled, its Secrets watched anew."""
+        self._leading = True
+        for name in sorted(self._wanted):
+            self._stop_serving(name)
+            self._start_serving(name)
+
+    def follow(self) -> None:
+        """Lost the Lease: stop serving everything at once (pending reconciliations are cancelled)."""
+        self._leading = False
+        for name in list(self._served):
+            self._stop_serving(name)
+        for task in self._unbinding:
+            task.cancel()
+
+    def _start_serving(self, name: str) -> None:
+        self._served[name] = asyncio.get_running_loop().create_task(self._serve(name), name=f"serve {name}")
+
+    def _stop_serving(self, name: str) -> None:
+        task = self._served.pop(name, None)
+        if task is not None:
+            task.cancel()
+        self.controller.forget(name)
+
     def namespace_changed(self, name: str, labels: Mapping[str, str], *, deleted: bool) -> None:
         wanted = not deleted and self.settings.serves(name, labels)
+        if wanted:
+            self._wanted.add(name)
+        else:
+            self._wanted.discard(name)
+        if not self._leading:
+            return
         if wanted and name not in self._served:
             log.info("namespace %s: served", name)
-            self._served[name] = asyncio.get_running_loop().create_task(
-                self._serve(name), name=f"serve {name}"
-            )
+            self._start_serving(name)
         elif not wanted and name in self._served:
             log.info("namespace %s: no longer served%s", name, " (deleted)" if deleted else "")
-            self._served.pop(name).cancel()
-            self.controller.forget(name)
+            self._stop_serving(name)
             if not deleted and self.settings.bind_cluster_role:
                 task = asyncio.get_running_loop().create_task(self._unbind(name), name=f"unbind {name}")
                 self._unbinding.add(task)
@@ -92,6 +135,8 @@ class Namespaces:
         role, account = self.settings.bind_cluster_role, self.settings.service_account
         while role is not None and account is not None:
             try:
+                if not self._may_write():
+                    raise NotLeadingError(f"namespace {namespace}: not the leader, no RoleBinding written")
                 if await self.api.ensure_role_binding(namespace, role, cluster_role=role, subject=account):
                     log.info("namespace %s: RoleBinding %s to ClusterRole %s written", namespace, role, role)
                 break
@@ -150,6 +195,8 @@ class Namespaces:
         role = self.settings.bind_cluster_role
         assert role is not None
         try:
+            if not self._may_write():
+                raise NotLeadingError(f"namespace {namespace}: not the leader, RoleBinding {role} kept")
             if await self.api.delete_role_binding(namespace, role):
                 log.info("namespace %s: RoleBinding %s deleted", namespace, role)
         except Exception as error:

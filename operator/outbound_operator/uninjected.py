@@ -8,6 +8,8 @@ carry `outboundrelay.io/inject: "true"` but no sidecar, and reports each one onc
 `SidecarNotInjected` on the Pod (`kubectl describe pod`, `kubectl get events`) and a log line naming it.
 How many each namespace has now is a metric (`outbound_operator_pods_without_sidecar`) and a column of
 `kubectl get outboundauthpolicies` (status.podsWithoutSidecar of every policy in the namespace).
+With leader election only the leader scans (and posts): a new leader reports again, once, the Pods its
+predecessor had reported.
 """
 
 from __future__ import annotations
@@ -49,11 +51,17 @@ class Scan:
     counts: dict[str, int] = field(default_factory=dict)  # labelled namespace -> such Pods running now
 
 
-async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> Scan:
+async def scan(
+    kube: KubeApi,
+    excluded: Collection[str],
+    reported: set[str],
+    may_write: Callable[[], bool] = lambda: True,
+) -> Scan:
     """Report every opted-in Pod without the sidecar not reported yet, and count them all per namespace.
-    `reported` (Pod uids) is trimmed to the Pods still there, so it does not grow forever."""
+    `reported` (Pod uids) is trimmed to the Pods still there, so it does not grow forever. Posts no Event
+    once `may_write` (the leader election's `leading`) turns false."""
     labelled = await _items(kube.core.list_namespace, label_selector=f"{NAMESPACE_LABEL}=enabled")
-    found = []
+    found: list[str] = []
     counts: dict[str, int] = {}
     seen: set[str] = set()
     for namespace in labelled:
@@ -71,6 +79,8 @@ async def scan(kube: KubeApi, excluded: Collection[str], reported: set[str]) -> 
             seen.add(meta["uid"])
             if meta["uid"] in reported:
                 continue
+            if not may_write():
+                return Scan(reported=found)  # no longer the leader: it publishes nothing
             involved = {"apiVersion": "v1", "kind": "Pod", "namespace": name, "name": meta["name"]}
             await kube.post_event(
                 {**involved, "uid": meta["uid"]}, type="Warning", reason=REASON, message=MESSAGE
@@ -86,10 +96,11 @@ def register(
     registry: kopf.OperatorRegistry,
     kube: KubeApi,
     excluded: Collection[str],
+    may_write: Callable[[], bool] = lambda: True,
     publish: Callable[[dict[str, int]], None] = lambda counts: None,
 ) -> None:
-    """Scan in the background while the operator (and so its webhook) runs; `publish` gets each pass's
-    counts (the metric and the policies' status)."""
+    """Scan in the background while the operator (and so its webhook) runs, while `may_write`; `publish`
+    gets each pass's counts (the metric and the policies' status)."""
     tasks: list[asyncio.Task[None]] = []
 
     async def loop() -> None:
@@ -97,7 +108,8 @@ def register(
         await asyncio.sleep(FIRST_SCAN_SECONDS)
         while True:
             try:
-                publish((await scan(kube, excluded, reported)).counts)
+                if may_write():
+                    publish((await scan(kube, excluded, reported, may_write)).counts)
             except Exception:  # an API hiccup: the next pass tries again
                 log.exception("looking for Pods without the sidecar failed")
             await asyncio.sleep(SCAN_SECONDS)

@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -60,6 +60,7 @@ from outbound_operator.webhook_certs import (
     FileCertificates,
     RotationSettings,
     SelfManagedCertificates,
+    SharedCertificates,
     server_context,
     service_dns_names,
 )
@@ -88,6 +89,9 @@ class WebhookSettings:
     """Namespaces never injected, whatever their labels (the operator's own is always added)."""
     cert_dir: Path | None = None
     """Directory with tls.crt/tls.key (cert-manager); None: the operator makes and rotates its own."""
+    cert_secret: str | None = None
+    """Self-managed certificates shared by the replicas through this Secret (kubernetes.io/tls) in
+    `namespace`; None: this process's own, in memory only (one replica)."""
     extra_ip_addresses: tuple[str, ...] = ()
     """IP SANs of the self-managed certificate, e.g. 127.0.0.1 for a webhook reached by `url`."""
     rotation: RotationSettings = field(default_factory=RotationSettings)
@@ -388,14 +392,28 @@ async def serve(
     settings: WebhookSettings,
     api: client.ApiClient | None = None,
     metrics: OperatorMetrics | None = None,
+    may_write: Callable[[], bool] = lambda: True,
 ) -> AsyncIterator[WebhookServer]:
     """Run the webhook (server and certificate upkeep) for the duration of the `async with`; answered
-    requests are counted in `metrics` when given."""
+    requests are counted in `metrics` when given. With shared certificates, only while `may_write` (the
+    leader) are they rotated and their caBundle published."""
     context = server_context()
     certificates: SelfManagedCertificates | FileCertificates
     if settings.cert_dir is not None:
         certificates = FileCertificates(
             context=context, directory=settings.cert_dir, check_interval=settings.rotation.check_interval
+        )
+    elif settings.cert_secret is not None:
+        certificates = SharedCertificates(
+            secret=settings.cert_secret,
+            namespace=settings.namespace,
+            may_write=may_write,
+            context=context,
+            api=api or load_api_client(),
+            configuration=settings.configuration,
+            dns_names=service_dns_names(settings.service, settings.namespace),
+            ip_addresses=settings.extra_ip_addresses,
+            rotation=settings.rotation,
         )
     else:
         certificates = SelfManagedCertificates(
@@ -428,6 +446,7 @@ def register(
     *,
     api: client.ApiClient | None = None,
     metrics: OperatorMetrics | None = None,
+    may_write: Callable[[], bool] = lambda: True,
 ) -> None:
     """Run the webhook inside a kopf operator: started by an on.startup handler (before any watch
     begins), stopped by an on.cleanup handler. `api` patches the caBundle (default: in-cluster config,
@@ -437,7 +456,7 @@ def register(
 
     @kopf.on.startup(registry=registry)
     async def start_outbound_relay_webhook(**_: Any) -> None:
-        running.append(await stack.enter_async_context(serve(settings, api, metrics)))
+        running.append(await stack.enter_async_context(serve(settings, api, metrics, may_write)))
 
     @kopf.on.probe(id="webhook", registry=registry)
     def outbound_relay_webhook_health(**_: Any) -> dict[str, Any]:
@@ -484,6 +503,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--webhook-cert-dir", type=Path, help="tls.crt/tls.key from cert-manager (else self-managed)"
     )
     group.add_argument(
+        "--webhook-cert-secret",
+        metavar="NAME",
+        help="self-managed certificate shared by all replicas through this Secret of the webhook namespace "
+        "(created by the first replica); else each process keeps its own in memory (one replica only)",
+    )
+    group.add_argument(
         "--webhook-sidecar-config",
         type=Path,
         help="sidecar.yaml: image, resources, ... (the chart's relay: values)",
@@ -522,6 +547,7 @@ def settings_from_args(args: argparse.Namespace) -> WebhookSettings | None:
         configuration=args.webhook_configuration,
         excluded_namespaces=tuple(args.webhook_exclude_namespace),
         cert_dir=args.webhook_cert_dir,
+        cert_secret=args.webhook_cert_secret,
         extra_ip_addresses=tuple(args.webhook_cert_ip_address),
         rotation=RotationSettings(validity=validity, renew_before=validity / 12),
         injection=injection,

@@ -17,14 +17,15 @@ import asyncio
 import base64
 import datetime
 import ipaddress
+import json
 import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import urllib3
 from cryptography import x509
@@ -48,6 +49,9 @@ class RotationSettings:
     propagation_delay: float = 10.0
     """Seconds between publishing a new caBundle and serving the new certificate: the API server reads
     webhook configurations through an informer, which takes a moment to see the change; 10."""
+    retire_after: float = 600.0
+    """Shared certificates: seconds the CAs before the current one stay in the caBundle after it is
+    served, so every replica has read the new pair (they check every check_interval); 600."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -376,3 +380,282 @@ class FileCertificates:
                     self.directory,
                     _brief(error),
                 )
+
+
+SERVE_AFTER_ANNOTATION: Final = "outboundrelay.io/serve-after"
+"""On the shared Secret: when its pair may be served (its CA is in the caBundle by then)."""
+
+
+def split_bundle(bundle: bytes) -> list[x509.Certificate]:
+    """The certificates of a PEM bundle; ValueError if there are none or one is malformed."""
+    certificates = x509.load_pem_x509_certificates(bundle)
+    if not certificates:
+        raise ValueError("no certificate in the bundle")
+    return certificates
+
+
+def _pem(certificates: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
+async def read_ca_bundle(api: client.ApiClient, configuration: str) -> bytes:
+    """The caBundle of the first webhook of the MutatingWebhookConfiguration `configuration` (b"" if none)."""
+    admission = client.AdmissionregistrationV1Api(api)
+    try:
+        current: Any = await asyncio.to_thread(admission.read_mutating_webhook_configuration, configuration)
+    except ApiException as error:
+        if error.status == 404:
+            return b""
+        raise
+    for webhook in current.webhooks or ():
+        if webhook.client_config.ca_bundle:
+            return base64.b64decode(webhook.client_config.ca_bundle)
+    return b""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredPair:
+    """The shared Secret's content: the serving pair, the caBundle to publish, and its version."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    bundle: bytes
+    serve_after: datetime.datetime
+    resource_version: str
+
+
+class SharedCertificates(SelfManagedCertificates):
+    """Self-managed certificates shared by every replica through one Secret (type kubernetes.io/tls:
+    tls.crt, tls.key, and ca.crt, the caBundle) in the operator's namespace, so that one caBundle trusts
+    what each replica serves. Each replica, at start: the Secret absent, it creates it (of two replicas
+    starting together one create wins, the other reads the winner's); unusable, it replaces it (guarded
+    by the resourceVersion read). Then every replica reads it at each check and serves the pair it holds,
+    not before its `serve-after` time. Only the replica that `may_write` (the leader) rotates it, publishes
+    its caBundle, and retires old CAs: a rotated pair is stored with the new CA *and* the ones before, and
+    `serve-after` `propagation_delay` later; the CAs before are dropped `retire_after` after that, when
+    every replica has long read the new pair."""
+
+    def __init__(
+        self,
+        *,
+        secret: str,
+        namespace: str,
+        may_write: Callable[[], bool] = lambda: True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.secret = secret
+        self.namespace = namespace
+        self.may_write = may_write
+        self.core = client.CoreV1Api(self.api)
+        self.stored: StoredPair | None = None
+
+    # --- the Secret ---------------------------------------------------------------------------------
+
+    async def _read(self) -> dict[str, Any] | None:
+        def call() -> dict[str, Any] | None:
+            try:
+                response: Any = self.core.read_namespaced_secret(
+                    self.secret, self.namespace, _preload_content=False
+                )
+            except ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
+            found: dict[str, Any] = json.loads(response.data)
+            return found
+
+        return await asyncio.to_thread(call)
+
+    def _parse(self, body: Mapping[str, Any]) -> StoredPair | None:
+        """The Secret's pair if it is usable (a certificate and key that match, for our names, a bundle
+        that holds the certificate's CA); None otherwise (logged)."""
+        data = body.get("data") or {}
+        metadata = body.get("metadata") or {}
+        try:
+            cert_pem, key_pem, bundle = (base64.b64decode(data[k]) for k in ("tls.crt", "tls.key", "ca.crt"))
+            load_certificate(server_context(), cert_pem, key_pem)
+            cert = x509.load_pem_x509_certificate(cert_pem)
+            issuers = {ca.subject for ca in split_bundle(bundle)}
+            if cert.issuer not in issuers:
+                raise ValueError("ca.crt does not hold the certificate's issuer")
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            wanted: set[x509.GeneralName] = {x509.DNSName(n) for n in self.dns_names}
+            wanted |= {x509.IPAddress(ipaddress.ip_address(ip)) for ip in self.ip_addresses}
+            if set(names) != wanted:
+                raise ValueError("the certificate is for other names")
+            annotation = (metadata.get("annotations") or {}).get(SERVE_AFTER_ANNOTATION)
+            serve_after = datetime.datetime.fromisoformat(annotation) if annotation else _now()
+        except (KeyError, ValueError, TypeError, ssl.SSLError, OSError, x509.ExtensionNotFound) as error:
+            log.warning(
+                "Secret %s/%s holds no usable webhook certificate (%s)",
+                self.namespace,
+                self.secret,
+                _brief(error) if isinstance(error, ApiException) else type(error).__name__ + f": {error}",
+            )
+            return None
+        return StoredPair(
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            bundle=bundle,
+            serve_after=serve_after,
+            resource_version=str(metadata.get("resourceVersion", "")),
+        )
+
+    async def _write(
+        self, pair: tuple[bytes, bytes], bundle: bytes, serve_after: datetime.datetime, version: str | None
+    ) -> bool:
+        """Create the Secret (`version` None) or replace the one read at `version`; False if another
+        replica wrote first (409)."""
+        body: dict[str, Any] = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {
+                "name": self.secret,
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "outbound-operator"},
+                "annotations": {SERVE_AFTER_ANNOTATION: serve_after.isoformat()},
+            },
+            "data": {
+                "tls.crt": base64.b64encode(pair[0]).decode(),
+                "tls.key": base64.b64encode(pair[1]).decode(),
+                "ca.crt": base64.b64encode(bundle).decode(),
+            },
+        }
+
+        def call() -> bool:
+            try:
+                if version is None:
+                    self.core.create_namespaced_secret(
+                        self.namespace,
+                        cast(Any, body),
+                        field_manager="outbound-operator",
+                        _preload_content=False,
+                    )
+                else:
+                    body["metadata"]["resourceVersion"] = version
+                    self.core.replace_namespaced_secret(
+                        self.secret,
+                        self.namespace,
+                        cast(Any, body),
+                        field_manager="outbound-operator",
+                        _preload_content=False,
+                    )
+            except ApiException as error:
+                if error.status in (404, 409):  # created, changed or deleted meanwhile by another replica
+                    return False
+                raise
+            return True
+
+        return await asyncio.to_thread(call)
+
+    # --- serving ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve the shared pair, making it first if there is none (or none usable)."""
+        for attempt in range(10):
+            body = await self._read()
+            stored = None if body is None else self._parse(body)
+            if stored is not None:
+                break
+            if attempt:
+                await asyncio.sleep(self.rotation.propagation_delay / 10)
+            # The first replica (or a Secret removed or spoiled): make a pair. The CAs the API server
+            # trusts now stay trusted a while: the replicas of an older version keep serving with them
+            # during a rolling upgrade.
+            fresh = await asyncio.to_thread(self._issue)
+            bundle = fresh.ca_pem + _pem(
+                self._still_valid(await read_ca_bundle(self.api, self.configuration))
+            )
+            version = None if body is None else str((body.get("metadata") or {}).get("resourceVersion"))
+            if await self._write((fresh.cert_pem, fresh.key_pem), bundle, _now(), version):
+                log.info("webhook certificate made and stored in Secret %s/%s", self.namespace, self.secret)
+                self._trusted = bundle
+                await self._publish()
+        else:
+            raise RuntimeError(f"Secret {self.namespace}/{self.secret}: no usable webhook certificate stored")
+        assert stored is not None
+        await self._adopt(stored, wait=False)
+        if self.may_write():
+            self._trusted = stored.bundle
+            await self._publish()
+
+    @staticmethod
+    def _still_valid(bundle: bytes) -> list[x509.Certificate]:
+        try:
+            certificates = split_bundle(bundle) if bundle.strip() else []
+        except ValueError:
+            return []
+        return [c for c in certificates if c.not_valid_after_utc > _now()]
+
+    async def _adopt(self, stored: StoredPair, *, wait: bool = True) -> None:
+        """Serve `stored` (at its serve-after time, if `wait`) unless already served."""
+        if self.stored is not None and self.stored.cert_pem == stored.cert_pem:
+            self.stored = stored
+            return
+        delay = (stored.serve_after - _now()).total_seconds()
+        if wait and delay > 0:
+            await asyncio.sleep(min(delay, self.rotation.propagation_delay))
+        load_certificate(self.context, stored.cert_pem, stored.key_pem)
+        first = self.stored is None
+        self.stored = stored
+        self.current = CertificatePair(
+            ca_pem=stored.bundle,
+            cert_pem=stored.cert_pem,
+            key_pem=stored.key_pem,
+            not_after=_not_after(stored.cert_pem),
+        )
+        if not first:
+            self.rotations += 1
+        log.info(
+            "webhook serving certificate %s Secret %s/%s, valid until %s",
+            "loaded from" if first else "rotated, from",
+            self.namespace,
+            self.secret,
+            self.current.not_after.isoformat(),
+        )
+
+    async def check(self) -> None:
+        """One check: serve what the Secret holds; the leader also rotates, retires and publishes."""
+        body = await self._read()
+        stored = None if body is None else self._parse(body)
+        if stored is not None:
+            await self._adopt(stored)
+        if not self.may_write():
+            return
+        if stored is None or self.due():
+            await self._rotate_shared(body)
+            return
+        bundle = stored.bundle
+        current_ca = [c for c in split_bundle(bundle) if c.subject == self._issuer()]
+        if len(split_bundle(bundle)) > len(current_ca) and _now() > stored.serve_after + datetime.timedelta(
+            seconds=self.rotation.retire_after
+        ):
+            # Every replica has served the current pair for a while: the CAs before it are no longer needed.
+            bundle = _pem(current_ca)
+            pair = (stored.cert_pem, stored.key_pem)
+            if not await self._write(pair, bundle, stored.serve_after, stored.resource_version):
+                return
+            log.info("webhook caBundle: CAs of earlier certificates retired")
+        self._trusted = bundle
+        await self._publish()
+
+    def _issuer(self) -> x509.Name:
+        assert self.current is not None
+        return x509.load_pem_x509_certificate(self.current.cert_pem).issuer
+
+    async def _rotate_shared(self, body: Mapping[str, Any] | None) -> None:
+        fresh = await asyncio.to_thread(self._issue)
+        bundle = fresh.ca_pem + _pem(self._still_valid(self.current.ca_pem if self.current else b""))
+        serve_after = _now() + datetime.timedelta(seconds=self.rotation.propagation_delay)
+        version = None if body is None else str((body.get("metadata") or {}).get("resourceVersion"))
+        if not await self._write((fresh.cert_pem, fresh.key_pem), bundle, serve_after, version):
+            return  # another replica wrote it: read at the next check
+        log.info("webhook certificate renewed in Secret %s/%s", self.namespace, self.secret)
+        self._trusted = bundle
+        await self._publish()
+        stored = await self._read()
+        parsed = None if stored is None else self._parse(stored)
+        if parsed is not None:
+            await self._adopt(parsed)

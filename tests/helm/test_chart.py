@@ -261,7 +261,6 @@ def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_pat
     docs = objects(template(control_plane, tmp_path))
     (deployment,) = find(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     pod = spec["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
     (container,) = pod["containers"]
@@ -276,6 +275,57 @@ def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_pat
     assert {"startupProbe", "livenessProbe", "readinessProbe"} <= container.keys()
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert "--all-namespaces" in container["args"]
+
+
+def test_operator_runs_highly_available(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """Two replicas by default, one Lease, rolling updates that keep one serving, a PodDisruptionBudget,
+    replicas spread over nodes; one replica without leader election, never two at once."""
+    docs = objects(template(control_plane, tmp_path))
+    (deployment,) = find(docs, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    fullname = deployment["metadata"]["name"]
+    assert {"--leader-elect", f"--lease-name={fullname}", "--lease-duration=15"} <= set(container["args"])
+    assert f"--webhook-cert-secret={fullname}-webhook-tls" in container["args"]
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    (budget,) = find(docs, "PodDisruptionBudget")
+    assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": spec["selector"]["matchLabels"]}}
+
+    own: dict[str, Any] = {
+        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+    }
+    docs = objects(template(control_plane, tmp_path, {"operator": {"affinity": own}}))
+    assert find(docs, "Deployment")[0]["spec"]["template"]["spec"]["affinity"] == own
+
+    on_the_node = {"operator": {"hostNetwork": True}}
+    docs = objects(template(control_plane, tmp_path, on_the_node))
+    strategy = find(docs, "Deployment")[0]["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {
+        "maxUnavailable": 1,
+        "maxSurge": 0,
+    }  # the node's ports: one at a time
+
+    single = {"operator": {"replicas": 1, "leaderElection": {"enabled": False}}}
+    docs = objects(template(control_plane, tmp_path, single))
+    (deployment,) = find(docs, "Deployment")
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "--leader-elect" not in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not find(docs, "PodDisruptionBudget")
+    assert not [r for d in find(docs, "Role") for r in d["rules"] if "leases" in r["resources"]]
+
+    two_writers = {"operator": {"replicas": 2, "leaderElection": {"enabled": False}}}
+    args = ["template", "x", str(CHART), "--values", str(values_file(tmp_path, two_writers))]
+    proc = helm(control_plane, *args, check=False)
+    assert proc.returncode != 0 and "needs operator.leaderElection.enabled" in proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -362,7 +412,12 @@ def test_operator_accepts_what_the_chart_passes(
     assert sidecar["resources"]["limits"].keys() == settings.injection.resources.limits.as_dict().keys()
     assert sidecar["ports"][0]["containerPort"] == settings.injection.metrics_port
     if variant.startswith("cert-manager"):
-        assert settings.cert_dir == Path("/etc/outbound-operator/tls")
+        assert settings.cert_dir == Path("/etc/outbound-operator/tls") and settings.cert_secret is None
+    else:
+        assert settings.cert_secret == f"{deployment['metadata']['name']}-webhook-tls"
+    lease = cli.lease_settings(parsed)
+    assert lease is not None and lease.name == deployment["metadata"]["name"]
+    assert (lease.lease_duration, lease.renew_deadline, lease.retry_period) == (15, 10, 2)
 
 
 def test_webhook_configuration_cannot_take_a_namespace_down(
@@ -437,11 +492,25 @@ def test_rbac_has_no_wildcards_and_writes_only_its_secret(
     for rule in rules:
         for field in ("apiGroups", "resources", "verbs", "resourceNames"):
             assert "*" not in rule.get(field, ()), rule
-    secret_rules = [r for r in rules if "secrets" in r["resources"]]
-    for rule in secret_rules:
-        writes = set(rule["verbs"]) & {"update", "patch", "delete"}
-        if writes:
-            assert rule["resourceNames"] == ["outbound-relay-config"]
+    docs = objects(template(control_plane, tmp_path, values))
+    (deployment,) = find(docs, "Deployment")
+    certificate = [f"{deployment['metadata']['name']}-webhook-tls"]
+    for document in docs:
+        if document["kind"] not in ("ClusterRole", "Role"):
+            continue
+        for rule in document["rules"]:
+            writes = set(rule["verbs"]) & {"update", "patch", "delete"}
+            if "secrets" in rule["resources"] and writes:
+                # The rendered Secret, or, in its own namespace only, the webhook certificate it keeps.
+                assert rule["resourceNames"] == ["outbound-relay-config"] or (
+                    document["kind"] == "Role"
+                    and rule["resourceNames"] == certificate
+                    and variant != "cert-manager"
+                ), rule
+            if "leases" in rule["resources"]:
+                assert document["kind"] == "Role"  # never cluster-wide
+                if writes:
+                    assert rule["resourceNames"] == [deployment["metadata"]["name"]]
     webhook_rules = [r for r in rules if "mutatingwebhookconfigurations" in r["resources"]]
     if variant == "cert-manager":
         assert not webhook_rules  # cainjector writes the caBundle
@@ -493,8 +562,13 @@ def test_install_and_uninstall(
 
     apps = client.AppsV1Api(k8s_client)
     fullname = f"{release}-outbound-relay"
-    deployment = read_json(apps.read_namespaced_deployment, fullname, namespace)
-    assert deployment["status"]["availableReplicas"] == 1  # kwok plays the kubelet: the Pod is Running
+    deadline = time.monotonic() + 60  # helm's --wait may return before the Deployment's status says so
+    while (
+        read_json(apps.read_namespaced_deployment, fullname, namespace)["status"].get("availableReplicas")
+        != 2
+    ):
+        assert time.monotonic() < deadline, "the two operator replicas are not available"  # kwok runs them
+        time.sleep(0.2)
     configuration = f"{fullname}-{namespace}"
     admission = client.AdmissionregistrationV1Api(k8s_client)
     stored = read_json(admission.read_mutating_webhook_configuration, configuration)

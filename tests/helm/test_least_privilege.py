@@ -156,6 +156,12 @@ def test_the_service_account_can_neither_read_secrets_widely_nor_mint_tokens(ins
         ("patch", "namespaces", None),
         ("update", "validatingadmissionpolicies", None),
         ("delete", "validatingadmissionpolicybindings", None),
+        # Leader election: its own Lease in its own namespace, nothing else.
+        ("update", "leases.coordination.k8s.io", None),
+        ("get", "leases.coordination.k8s.io", "kube-node-lease"),
+        ("create", "leases.coordination.k8s.io", install.opted_in),
+        ("update", "leases.coordination.k8s.io/another", install.namespace),
+        ("delete", f"leases.coordination.k8s.io/{install.fullname}", install.namespace),
     ]
     answers = {(verb, resource, ns): install.can_i(verb, resource, ns) for verb, resource, ns in no}
     assert answers == {key: "no" for key in no}
@@ -164,6 +170,10 @@ def test_the_service_account_can_neither_read_secrets_widely_nor_mint_tokens(ins
     assert install.can_i("watch", "outboundrelaysettings.outboundrelay.io") == "yes"
     assert install.can_i("create", "outboundrelaysettings.outboundrelay.io") == "no"
     assert install.can_i("bind", f"clusterroles/{install.render_role}") == "yes"
+    for verb in ("get", "update"):
+        assert (
+            install.can_i(verb, f"leases.coordination.k8s.io/{install.fullname}", install.namespace) == "yes"
+        )
 
 
 def test_the_admission_policy_confines_its_role_bindings(install: Install) -> None:
@@ -281,6 +291,9 @@ def test_the_operator_binds_itself_only_where_a_namespace_opted_in(
         f"--namespace-label={OPT_IN}",
         f"--bind-cluster-role={install.render_role}",
         f"--service-account={install.fullname}",
+        "--leader-elect",
+        f"--lease-name={install.fullname}",
+        "--lease-identity=least-privilege-test",
     )
     try:
 
@@ -291,6 +304,12 @@ def test_the_operator_binds_itself_only_where_a_namespace_opted_in(
         data = wait_for(
             lambda: rendered(install.opted_in), timeout=60, what="the opted-in namespace rendered"
         )
+        lease = client.CoordinationV1Api(k8s_client).read_namespaced_lease(
+            install.fullname, install.namespace
+        )
+        assert (
+            lease.spec is not None and lease.spec.holder_identity == "least-privilege-test"
+        )  # the chart's Role suffices
         assert password in base64.b64decode(data["relay.yaml"]).decode()
         binding = rbac.read_namespaced_role_binding(install.render_role, install.opted_in)
         assert binding.role_ref.name == install.render_role

@@ -36,9 +36,12 @@ class ThreadedWebhook:
     """`webhook.serve()` on an event loop of its own, in a thread: the tests call the API server with the
     blocking client, and the API server calls the webhook meanwhile."""
 
-    def __init__(self, settings: WebhookSettings, api: client.ApiClient) -> None:
+    def __init__(
+        self, settings: WebhookSettings, api: client.ApiClient, may_write: Callable[[], bool] = lambda: True
+    ) -> None:
         self.settings = settings
         self.api = api
+        self.may_write = may_write
         self.server: WebhookServer | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -56,7 +59,7 @@ class ThreadedWebhook:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with serve(self.settings, self.api) as server:
+        async with serve(self.settings, self.api, may_write=self.may_write) as server:
             self.server = server
             self._ready.set()
             await self._stop.wait()
@@ -94,9 +97,9 @@ class Registration:
     """The Helm release name the chart was rendered with (names the webhook configurations)."""
     webhooks: list[ThreadedWebhook] = field(default_factory=list)
 
-    def start(self, **changes: Any) -> ThreadedWebhook:
+    def start(self, may_write: Callable[[], bool] = lambda: True, **changes: Any) -> ThreadedWebhook:
         settings = dataclasses.replace(self.settings, **changes) if changes else self.settings
-        webhook = ThreadedWebhook(settings, self.control_plane.api_client()).start()
+        webhook = ThreadedWebhook(settings, self.control_plane.api_client(), may_write).start()
         self.webhooks.append(webhook)
         return webhook
 
