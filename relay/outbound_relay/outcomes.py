@@ -105,15 +105,16 @@ class Record:
                 fields["reply"] = printable(verdict.text, 200)
         if self.dsn is not None:
             fields["dsn"] = self.dsn
-        # Per recipient, where they differ from the message's: by position in the app's RCPT order.
+        # Per recipient, where its outcome is not the message's: refused at its RCPT (the accepted ones
+        # share the reply to DATA) or at DATA; by position in the app's RCPT order.
         differing = [
             (n, rcpt, reply)
             for n, (rcpt, reply) in enumerate(self.recipients, 1)
-            if final is None or reply.is_positive is not final.is_positive
+            if not reply.is_positive and (final is not None or verdict is None or reply[:2] != verdict[:2])
         ]
         position = {rcpt: n for n, (rcpt, _) in enumerate(self.recipients, 1)}
         differing += [(position.get(rcpt, 0), rcpt, reply) for rcpt, reply in self.refused_at_data]
-        if final is not None and differing:
+        if differing:
             fields["refused"] = [
                 {
                     "n": n,
@@ -171,7 +172,8 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         fields = getattr(record, FIELDS, None)
-        if isinstance(fields, dict):
+        if isinstance(fields, dict):  # the fields themselves, not their text form again
+            line["msg"] = f"message {fields['id']} {fields['outcome']}"
             line.update(fields)
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
