@@ -189,3 +189,19 @@ async def test_content_dependent_dsn_refused_by_the_upstream_is_logged_and_count
     assert [m.rcpt_tos for m in up.messages] == [(OK.encode(),)]
     assert 'outbound_relay_dsn_total{result="refused"} 1.0' in metrics
     assert any(r.levelno >= logging.ERROR and PERM in r.getMessage() for r in caplog.records)
+
+
+async def test_pass_through_sends_the_message_with_bdat_when_the_upstream_offers_chunking(
+    config_path: Path,
+) -> None:
+    content = b"Subject: chunked\r\n\r\nbare\nline feed, then\r\n.a leading dot\r\n"
+    async with FaultyUpstream(Faults(chunking=True, refuse_rcpts=REFUSALS)) as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK, PERM], content)
+    assert outcome.code == 250, outcome
+    assert b"DATA" not in _verbs(up) and b"BDAT" in _verbs(up), up.commands
+    [sent] = up.messages
+    assert sent.rcpt_tos == (OK.encode(),)
+    # Line ends normalised as for DATA; no dot-stuffing, since BDAT has no end mark.
+    assert sent.data == b"Subject: chunked\r\n\r\nbare\r\nline feed, then\r\n.a leading dot\r\n"
