@@ -87,7 +87,7 @@ class Record:
             "outcome": self.outcome(final).value,
             "mode": self.mode,
             "from_domain": _domain(self.mail_from),
-            "rcpt_domains": sorted({_domain(rcpt) for rcpt, _ in self.recipients}),
+            "rcpt_domains": _domains(self.recipients),
             "recipients": len(self.recipients),
             "policy": None if route is None else route.policy,
             "scope": None if route is None else route.scope,
@@ -128,6 +128,12 @@ class Record:
         return fields
 
 
+def _domains(recipients: list[tuple[str, Reply]]) -> list[str]:
+    if len(recipients) == 1:
+        return [_domain(recipients[0][0])]
+    return sorted({_domain(rcpt) for rcpt, _ in recipients})
+
+
 def _first_refusal(recipients: list[tuple[str, Reply]]) -> Reply | None:
     refusals = [reply for _, reply in recipients if not reply.is_positive]
     transient = [reply for reply in refusals if reply.is_transient]
@@ -138,7 +144,10 @@ def _first_refusal(recipients: list[tuple[str, Reply]]) -> Reply | None:
 def _domain(address: str) -> str:
     if address in ("", "<>"):
         return ""
-    return printable(address.rpartition("@")[2].lower(), 255)
+    domain = address.rpartition("@")[2].lower()
+    if domain.isascii() and domain.isprintable() and " " not in domain and len(domain) <= 255:
+        return domain  # the common case, without printable()'s regex
+    return printable(domain, 255)
 
 
 def emit(record: Record, final: Reply | None, *, addresses: bool) -> None:
@@ -149,16 +158,31 @@ def emit(record: Record, final: Reply | None, *, addresses: bool) -> None:
     fields = record.fields(final, addresses=addresses)
     level = logging.INFO if fields["outcome"] == Outcome.DELIVERED else logging.WARNING
     if log.isEnabledFor(level):
-        text = " ".join(f"{key}={_text(value)}" for key, value in fields.items() if key != "event")
-        log.log(level, "message %s", text, extra={FIELDS: fields})
+        log.log(level, "message %s", _Text(fields), extra={FIELDS: fields})
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(_text(v) for v in value) or "-"
-    if isinstance(value, dict):
-        return ":".join(_text(v) for v in value.values())
-    return "-" if value is None else str(value)
+class _Text:
+    """The fields as `key=value` text, made only when a handler formats the line (not for JSON)."""
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+
+    def __str__(self) -> str:
+        parts = []
+        for key, value in self.fields.items():
+            if key == "event":
+                continue
+            if value is None:
+                value = "-"
+            elif isinstance(value, list):
+                value = ",".join(
+                    ":".join(str(v) for v in item.values()) if isinstance(item, dict) else str(item)
+                    for item in value
+                )
+            parts.append(f"{key}={value}")
+        return " ".join(parts)
 
 
 class JsonFormatter(logging.Formatter):
