@@ -188,6 +188,9 @@ def sidecar_container(
         CONFIG_FILE,
         "--log-level",
         settings.log_level,
+        # One JSON object a line, for log collectors; each message outcome's fields at the top level.
+        "--log-format",
+        "json",
         "--shutdown-timeout",
         f"{settings.shutdown_timeout_seconds:g}",
         # The port the probes and Prometheus use, whatever relay.yaml says (the operator renders none).

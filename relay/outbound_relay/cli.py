@@ -27,10 +27,15 @@ def _no_message_data(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("DATA readline")
 
 
-def _setup_logging(level: str) -> SecretRedactor:
+def _setup_logging(level: str, log_format: str = "text") -> SecretRedactor:
     redactor = SecretRedactor()
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        from outbound_relay.outcomes import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(redactor)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -50,7 +55,7 @@ def _setup_logging(level: str) -> SecretRedactor:
 async def _serve(args: argparse.Namespace) -> int:
     from outbound_relay.server import RelayServer
 
-    redactor = _setup_logging(args.log_level)
+    redactor = _setup_logging(args.log_level, args.log_format)
     overrides = Overrides(
         default_binding=args.default_binding,
         metrics_port=args.metrics_port,
@@ -75,6 +80,7 @@ async def _serve(args: argparse.Namespace) -> int:
     except ConfigError as error:  # listen.tls files that are not a certificate and its key
         log.error("%s", error)
         return 2
+    server.handler.log_addresses = args.log_addresses
     await server.start()
     # Start-up (config model, imports) leaves garbage and free heap pages: hand them back, then keep
     # the collector from walking what remains, which lives as long as the process, on every full
@@ -322,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(a sidecar whose Secret the operator has not rendered yet)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text lines, or one JSON object a line (the sidecar's), with each message outcome's fields "
+        "at its top level (docs/metrics.md, Logs)",
+    )
+    serve.add_argument(
+        "--log-addresses",
+        action="store_true",
+        help="put full sender and recipient addresses in message outcome lines; without it, only their "
+        "domains (addresses are personal data)",
+    )
     serve.add_argument(
         "--uvloop",
         action="store_true",

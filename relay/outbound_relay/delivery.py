@@ -1,28 +1,45 @@
 """Relay mode: one inbound transaction becomes one upstream transaction, and the upstream's verdict is
 the client's. Nothing is acknowledged with 250 unless the upstream acknowledged it.
 
-Recipients are grouped at RCPT by the domain policies that apply to them (ScopeIndex.signature), since the
-binding header and hooks are only known after DATA; a recipient of another route gets `452 4.5.3` and
-the client sends it in a new transaction (RFC 5321 4.5.3.1.10).
+Two ways, by whether the route of a recipient can depend on the message (docs/delivery.md):
+- pass-through: no hook, and every binding resolves the recipient's domain to the same route
+  (`ScopeIndex.fixed_route`). The upstream transaction opens at the app's first RCPT and each RCPT gets
+  the upstream's own reply; a recipient of another route gets `452 4.5.3` (RFC 5321 4.5.3.1.10).
+- content-dependent: the binding header or a hook decides the route after DATA. Recipients are grouped at
+  RCPT by the domain policies that apply to them (ScopeIndex.signature); at DATA, recipients the upstream
+  refuses while it accepts others are told to the sender in a DSN (dsn.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from outbound_relay.config import CONTEXT_KEYS
+from outbound_relay.dsn import build_report
 from outbound_relay.errors import HookFailed, RelayError, RouteMisconfigured
 from outbound_relay.generation import Generation
 from outbound_relay.message import address_defect, parse_headers, pop_header, split_headers
-from outbound_relay.metrics import MessageResult, RelayMetrics
+from outbound_relay.metrics import DeliveryMetrics, DsnResult, MessageResult, RelayMetrics
+from outbound_relay.outcomes import Outcome, Record, emit, with_id
 from outbound_relay.pool import UpstreamPool
-from outbound_relay.reply import Reply
+from outbound_relay.reply import Reply, printable
 from outbound_relay.scopes import Route
-from outbound_relay.session import StaleSession, Transaction, envelope_path
+from outbound_relay.session import (
+    Sent,
+    StaleSession,
+    Transaction,
+    UpstreamKey,
+    UpstreamSession,
+    envelope_path,
+    refused_reply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +49,34 @@ _INTERNAL_ERROR = Reply.of(451, "4.3.0", "Internal error in the relay; try again
 
 
 _UNSENDABLE = "553 5.1.3 Address has characters that cannot be sent in an SMTP command"
+_ANOTHER_ROUTE = "452 4.5.3 Recipient takes another upstream route; send it in a new transaction"
+# aiosmtpd's own answers when a handler hook gives none.
+_RSET_OK, _QUIT_OK = "250 OK", "221 Bye"
+
+
+@dataclass(eq=False)
+class _PassThrough:
+    """An upstream transaction in step with one app transaction: leased at the first RCPT, given back at
+    the end of DATA, at RSET, at the next MAIL, or when the app goes away."""
+
+    key: UpstreamKey
+    message: Transaction  # the sender and SMTPUTF8, for the RCPT lines
+    session: UpstreamSession
+    lease: contextlib.AsyncExitStack
+    accepted: int = 0
+    open: bool = True  # MAIL accepted and no DATA yet: an RSET ends it
+    busy: bool = False  # a command is in flight: if the app goes away now, the session's state is unknown
+
+
+@dataclass(eq=False)
+class _Transaction:
+    """One app transaction, from its MAIL to its end (reply to DATA, RSET, QUIT, the next MAIL, the
+    connection lost): its outcome record and, in pass-through, its upstream transaction."""
+
+    envelope: Envelope
+    record: Record
+    passing: _PassThrough | None = None
+    lost: Reply | None = None  # the upstream transaction was lost after accepting recipients: DATA's reply
 
 
 def _unsendable(address: str, envelope: Envelope) -> str | None:
@@ -67,7 +112,11 @@ class RelayHandler:
         # The binding the app named as its AUTH user (listen.clientAuth: binding), per transaction.
         self._auth_binding: weakref.WeakKeyDictionary[Envelope, str] = weakref.WeakKeyDictionary()
         self._counted = {result: metrics.messages.labels(result=result.value) for result in MessageResult}
+        self.delivery_metrics = DeliveryMetrics(metrics.registry)
         self.closing = False  # set on SIGTERM: no new transactions
+        self.log_addresses = False  # serve --log-addresses: full addresses in outcome lines
+        self._transactions: dict[Session, _Transaction] = {}  # the open one of each client session
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def handle_exception(self, error: Exception) -> str:
         """aiosmtpd's hook for an exception it caught in a command: a 451, never its `500 Error`, which
@@ -81,6 +130,7 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
+        await self.release(session)  # what an earlier transaction left open (a failed DATA, an EHLO)
         if self.closing:
             return "421 4.3.2 The relay is shutting down; try again"
         if (defect := address_defect(address)) is not None:
@@ -93,10 +143,28 @@ class RelayHandler:
             self._auth_binding[envelope] = auth_data
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        self._transactions[session] = _Transaction(envelope, Record("" if address == "<>" else address))
         return "250 OK"
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        transaction = self._transactions.get(session)
+        if transaction is not None and transaction.envelope is not envelope:
+            await self.release(session)  # aiosmtpd started another envelope without telling us
+            transaction = None
+        reply = await self._rcpt(session, transaction, envelope, address, rcpt_options)
+        if transaction is not None:
+            transaction.record.recipients.append((address, Reply.parse([reply.encode()])))
+        return reply
+
+    async def _rcpt(
+        self,
+        session: Session,
+        transaction: _Transaction | None,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
     ) -> str:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
@@ -110,18 +178,212 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= limit:
             return f"452 4.5.3 Too many recipients (at most {limit} a transaction); send the rest in another"
         scopes = generation.scopes
+        route = None if generation.hooks or generation.missing else scopes.fixed_route(domain)
+        passing = None if transaction is None else transaction.passing
+        if route is not None and transaction is not None:
+            if envelope.rcpt_tos and passing is None:
+                return _ANOTHER_ROUTE  # the transaction waits for its content
+            return await self._pass_rcpt(transaction, envelope, route, address, rcpt_options)
+        if passing is not None:
+            if passing.accepted:
+                return _ANOTHER_ROUTE
+            await self._end_upstream(transaction)
         if envelope.rcpt_tos:
             first_domain = envelope.rcpt_tos[0].rpartition("@")[2]
             if scopes.signature(domain) != scopes.signature(first_domain):
-                return "452 4.5.3 Recipient takes another upstream route; send it in a new transaction"
+                return _ANOTHER_ROUTE
+        if transaction is not None:
+            transaction.record.mode = "content"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
 
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await self.release(session)
+        return _RSET_OK
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await self.release(session)
+        return _QUIT_OK
+
+    # -- pass-through ----------------------------------------------------------------------------------
+
+    async def _pass_rcpt(
+        self,
+        transaction: _Transaction,
+        envelope: Envelope,
+        route: Route,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        """The app's RCPT, forwarded: the upstream's reply is the app's."""
+        passing = transaction.passing
+        record = transaction.record
+        try:
+            if route.suspended is not None:
+                raise RouteMisconfigured(route.suspended)
+            key = UpstreamKey.of(route)
+            if passing is not None and passing.key != key:
+                if passing.accepted:
+                    return _ANOTHER_ROUTE
+                await self._end_upstream(transaction)
+                passing = None
+            if passing is None:
+                record.route, record.upstream = route, str(key)
+                passing, reply = await self._begin(transaction, route, key, address)
+            else:
+                passing.busy = True
+                reply = await passing.session.add_recipient(address, passing.message)
+                passing.busy = False
+        except RelayError as error:
+            log.log(logging.WARNING if error.temporary else logging.INFO, "RCPT not forwarded: %s", error)
+            await self._lose_upstream(transaction, error.reply)
+            return error.reply.one_line()
+        except Exception:
+            log.exception("RCPT failed unexpectedly")
+            await self._lose_upstream(transaction, _INTERNAL_ERROR)
+            return _INTERNAL_ERROR.one_line()
+        if reply.code == 421:  # the upstream is closing its session, not the relay its own
+            reply = Reply(451, reply.status or "4.4.2", ("upstream closed the session:", *reply.lines))
+        if passing is not None and not passing.session.usable:  # a 421, or the connection went
+            await self._lose_upstream(transaction, reply)
+        if reply.code in (250, 251) and passing is not None and transaction.passing is passing:
+            passing.accepted += 1
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            return reply.one_line()
+        return refused_reply(reply, "RCPT").one_line()
+
+    async def _begin(
+        self, transaction: _Transaction, route: Route, key: UpstreamKey, address: str
+    ) -> tuple[_PassThrough | None, Reply]:
+        """Lease a session and send MAIL and the first RCPT: the pass-through transaction (None when the
+        upstream refused MAIL) and the reply for the app's RCPT."""
+        mail_from = transaction.record.mail_from
+        message = Transaction(mail_from, (address,), b"", bool(transaction.envelope.smtp_utf8))
+        for attempt, fresh in ((1, False), (2, True)):
+            transaction.record.attempt = attempt
+            lease = contextlib.AsyncExitStack()
+            upstream = await lease.enter_async_context(self.pool.lease(route, fresh=fresh))
+            try:
+                reply, began = await upstream.begin(message)
+            except StaleSession:  # nothing reached the upstream: once more, on a fresh session
+                await lease.aclose()
+                continue
+            except BaseException:
+                upstream.broken = True
+                await lease.aclose()
+                raise
+            if not began:
+                await lease.aclose()
+                return None, reply
+            passing = _PassThrough(key, message, upstream, lease)
+            transaction.passing = passing
+            return passing, reply
+        raise AssertionError("a fresh session is never stale")
+
+    async def _lose_upstream(self, transaction: _Transaction, reply: Reply) -> None:
+        """The upstream transaction is gone: if it had accepted recipients, the app's DATA gets a 4xx,
+        so that the app sends them all again (none of them got the message)."""
+        passing = transaction.passing
+        if passing is not None and passing.accepted:
+            transaction.lost = (
+                reply
+                if reply.is_transient
+                else Reply.of(451, "4.4.1", f"lost the upstream transaction: {printable(reply.text)}")
+            )
+        await self._end_upstream(transaction)
+
+    async def _end_upstream(self, transaction: _Transaction | None) -> None:
+        """RSET upstream while a transaction is open there, and the session back to the pool (or closed,
+        when its state is unknown)."""
+        passing = None if transaction is None else transaction.passing
+        if transaction is None or passing is None:
+            return
+        transaction.passing = None
+        upstream = passing.session
+        try:
+            if passing.busy:
+                upstream.broken = True  # a reply is still due: it cannot carry another transaction
+            elif passing.open and upstream.usable:
+                await upstream.abort()
+        except Exception:
+            upstream.broken = True
+            raise
+        finally:
+            await passing.lease.aclose()
+
+    async def release(self, session: Session, final: Reply | None = None) -> None:
+        """End the session's transaction, if one is open: its upstream transaction released, its outcome
+        logged (`final`: the reply to DATA; None when it ended without one)."""
+        transaction = self._transactions.pop(session, None)
+        if transaction is None:
+            return
+        try:
+            await self._end_upstream(transaction)
+        finally:
+            record = transaction.record
+            if final is not None or record.recipients:
+                if final is None and not record.accepted:
+                    result = (
+                        MessageResult.DEFERRED
+                        if record.outcome(None) is Outcome.DEFERRED
+                        else (MessageResult.REJECTED)
+                    )
+                    self._counted[result].inc()
+                emit(record, final, addresses=self.log_addresses)
+
+    def release_later(self, session: Session) -> None:
+        """The app's connection is gone (closed, timed out): end its transaction in the background."""
+        if session in self._transactions:
+            task = asyncio.get_running_loop().create_task(self.release(session))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def release_all(self) -> None:
+        """At shutdown: every transaction ended, before the pool closes."""
+        for session in list(self._transactions):
+            await self.release(session)
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+
+    async def _finish(self, transaction: _Transaction, passing: _PassThrough, content: bytes) -> Reply:
+        """DATA of a pass-through transaction: the upstream's final reply."""
+        passing.busy = True
+        try:
+            reply = await passing.session.finish(content)
+            passing.busy = False
+        except RelayError as error:
+            log.log(logging.WARNING if error.temporary else logging.INFO, "message not delivered: %s", error)
+            reply = error.reply
+        except Exception:
+            log.exception("transaction for %d recipient(s) failed unexpectedly", passing.accepted)
+            reply = _INTERNAL_ERROR
+        finally:
+            passing.open = False
+            await self._end_upstream(transaction)
+        return reply
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = time.perf_counter()
-        reply = await self.deliver(self._generation_of(envelope), envelope)
-        self.metrics.delivery_duration.observe(time.perf_counter() - started)
+        assert isinstance(envelope.content, bytes)
+        generation = self._generation_of(envelope)
+        transaction = self._transactions.get(session)
+        if transaction is None or transaction.envelope is not envelope:  # not seen at MAIL: cannot be
+            transaction = _Transaction(envelope, Record(envelope.mail_from or "", mode="content"))
+            self._transactions[session] = transaction
+        record = transaction.record
+        record.size = len(envelope.content)
+        if transaction.lost is not None:
+            reply = transaction.lost
+        elif transaction.passing is not None:
+            # Removed as always; the binding cannot change this route (ScopeIndex.fixed_route).
+            content, _ = pop_header(envelope.content, generation.config.binding_header)
+            reply = await self._finish(transaction, transaction.passing, content)
+        else:
+            reply = await self.deliver(generation, envelope, record)
+        record.latency = time.perf_counter() - started
+        self.metrics.delivery_duration.observe(record.latency)
         result = (
             MessageResult.DELIVERED
             if reply.is_positive
@@ -130,20 +392,24 @@ class RelayHandler:
             else MessageResult.REJECTED
         )
         self._counted[result].inc()
+        reply = with_id(reply, record.id)
+        await self.release(session, reply)
         return reply.one_line()
 
-    async def deliver(self, generation: Generation, envelope: Envelope) -> Reply:
-        """The reply for the client's DATA: the upstream's, or ours when it could not be asked."""
+    async def deliver(self, generation: Generation, envelope: Envelope, record: Record) -> Reply:
+        """The reply for the client's DATA when the route waited for the content: the upstream's, or
+        ours when it could not be asked."""
         assert isinstance(envelope.content, bytes)
         assert envelope.mail_from is not None
         try:
             if generation.missing is not None:
                 raise RouteMisconfigured(f"the relay has no config yet: {generation.missing} does not exist")
             route, content = await self._route(generation, envelope, envelope.content)
+            record.route = route
             # aiosmtpd keeps the null reverse-path as "<>"; the upstream session spells it "".
             mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
             message = Transaction(mail_from, tuple(envelope.rcpt_tos), content, bool(envelope.smtp_utf8))
-            return await self._send(route, message)
+            return await self._send(route, message, record)
         except RelayError as error:
             level = logging.WARNING if error.temporary else logging.INFO
             log.log(level, "transaction for %d recipient(s) not delivered: %s", len(envelope.rcpt_tos), error)
@@ -192,12 +458,58 @@ class RelayHandler:
                 raise HookFailed(f"hook set {type_key}: {error}") from None
         return route, content
 
-    async def _send(self, route: Route, message: Transaction) -> Reply:
+    async def _send(self, route: Route, message: Transaction, record: Record) -> Reply:
+        record.upstream = str(UpstreamKey.of(route))
         async with self.pool.lease(route) as session:
             try:
-                return await session.send(message)
+                sent = await session.send(message)
             except StaleSession:
                 pass
+            else:
+                return await self._partly_refused(session, message, sent, record)
         # A pooled session the upstream had quietly closed: nothing was sent, so one retry is safe.
+        record.attempt = 2
         async with self.pool.lease(route, fresh=True) as session:
-            return await session.send(message)
+            sent = await session.send(message)
+            return await self._partly_refused(session, message, sent, record)
+
+    async def _partly_refused(
+        self, session: UpstreamSession, message: Transaction, sent: Sent, record: Record
+    ) -> Reply:
+        """The app's reply when the upstream took the message for some recipients and refused others:
+        the upstream's 250, saying how many were refused; the sender hears which in a DSN, sent through
+        the same upstream (docs/delivery.md, "Recipients the upstream refuses")."""
+        if not sent.refused:
+            return sent.reply
+        record.refused_at_data = list(sent.refused)
+        count = f"{len(sent.refused)} of {len(message.rcpt_tos)} recipients"
+        if not message.mail_from:
+            result, told = DsnResult.NO_SENDER, "no DSN: the sender is null"
+        else:
+            report = build_report(
+                reporting_mta=self.pool.local_hostname,
+                remote_mta=session.key.host,
+                sender=message.mail_from,
+                refused=sent.refused,
+                original_headers=split_headers(message.content)[0],
+            )
+            try:
+                bounce = await session.send(Transaction("", (message.mail_from,), report, message.smtp_utf8))
+                result = DsnResult.SENT if bounce.reply.is_positive else DsnResult.REFUSED
+                told = f"DSN {'sent' if result is DsnResult.SENT else 'refused'}: {bounce.reply.one_line()}"
+            except (RelayError, StaleSession) as error:
+                result, told = DsnResult.REFUSED, f"DSN not sent: {error}"
+        record.dsn = result.value
+        self.delivery_metrics.dsn.labels(result=result.value).inc()
+        if result is not DsnResult.SENT:
+            log.error(
+                "message %s: upstream %s refused %s (%s) and the sender cannot be told (%s); the relay "
+                "keeps no queue, so these recipients do not get the message",
+                record.id,
+                session.key,
+                count,
+                printable(" ".join(f"<{rcpt}> {reply.one_line()}" for rcpt, reply in sent.refused)),
+                told,
+            )
+        note = "a DSN names them to the sender" if result is DsnResult.SENT else "no DSN could be sent"
+        return sent.reply._replace(lines=(*sent.reply.lines, f"(upstream refused {count}; {note})"))

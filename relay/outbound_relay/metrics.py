@@ -158,3 +158,27 @@ class RelayMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# -- per-recipient outcomes (docs/metrics.md) -------------------------------------------------------------
+
+
+class DsnResult(StrEnum):
+    SENT = "sent"  # the upstream took the DSN for the sender
+    REFUSED = "refused"  # the upstream refused the DSN, or the session failed before it was taken
+    NO_SENDER = "no_sender"  # the message had the null sender: nobody to tell (RFC 5321 4.5.5)
+
+
+class DeliveryMetrics:
+    """Metrics of what happened to each recipient, on the relay's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dsn = Counter(
+            "outbound_relay_dsn",
+            "Messages the upstream took for some recipients and refused for others, when the route waited "
+            "for the content: by whether the sender got a DSN naming the refused recipients.",
+            ["result"],
+            registry=registry,
+        )
+        for result in DsnResult:
+            self.dsn.labels(result=result.value)

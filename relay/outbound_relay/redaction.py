@@ -32,7 +32,9 @@ class SecretRedactor(logging.Filter):
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
+        # A message outcome line (outcomes.py) is made of fields that never hold a secret: no need to
+        # render its text here, which JSON output never does.
+        if self._secrets and not hasattr(record, "outcome_fields"):
             message = record.getMessage()
             redacted = self.redact(message)
             if record.exc_info and not record.exc_text:

@@ -98,6 +98,9 @@ class Route:
     # The name of the policy that supplies the credentials, "hook" when a hook set the password, "none"
     # without any: the `policy` label of AUTH metrics (bounded by the config).
     credential_policy: str = POLICY_NONE
+    # The policy that gives the credentials (else the gateway), and its scope: what logs name.
+    policy: str | None = None
+    scope: str | None = None
 
     @property
     def tls_protects_auth(self) -> bool:
@@ -134,6 +137,8 @@ class Route:
             insecure_auth_by=None if password is not None else self.insecure_auth_by,
             gateway_not_trusted=None if password is not None else self.gateway_not_trusted,
             credential_policy=POLICY_HOOK if password is not None else self.credential_policy,
+            policy="hook" if password is not None else self.policy,
+            scope="message" if password is not None else self.scope,
         )
 
     def identity(self) -> str:
@@ -181,6 +186,13 @@ class ScopeIndex:
             self._by_level[level_of(policy)].append(policy)
         self._routes: dict[tuple[str, str], Route] = {}
         self._signatures: dict[str, tuple[str, ...]] = {}
+        self._fixed: dict[str, Route | None] = {}
+        # Every binding a policy can tell apart: those named in scopes and binding groups, the default,
+        # and one named nowhere (which stands for every other name the binding header could give).
+        self._bindings = sorted(
+            {config.default_binding, "\0any-other-binding", *self._group_of}
+            | {p.scope.binding for p in config.policies if p.scope.binding is not None}
+        )
         # Without a gateway on the global policy, some routes may have none; keep those domains apart.
         self._domains_always_split = not any(p.gateway is not None for p in self._by_level[Level.GLOBAL])
 
@@ -259,6 +271,8 @@ class ScopeIndex:
         ):
             route = replace(route, insecure_auth_by=_describe(password_by))
         gateway_by = next((p for p in chain if p.gateway is not None), None)
+        if (named_by := password_by or gateway_by) is not None:
+            route = replace(route, policy=named_by.name, scope=named_by.scope.describe())
         if (
             password_by is not None
             and gateway_by is not None
@@ -278,6 +292,21 @@ class ScopeIndex:
                 route, suspended=f"{_describe(suspended_by)} is suspended: {suspended_by.suspended}"
             )
         return route
+
+    def fixed_route(self, domain: str) -> Route | None:
+        """The route of `domain` when no binding can change it (every binding resolves to the same
+        server, credentials and settings), else None: then only the message's binding header decides,
+        after DATA. Hooks are not considered here; they can change any route."""
+        domain = domain.lower().rstrip(".")
+        if domain in self._fixed:
+            return self._fixed[domain]
+        routes = [self.route(domain, binding) for binding in self._bindings]
+        first = self.route(domain, self.config.default_binding)
+        same = all(replace(r, binding=first.binding) == first for r in routes)
+        if len(self._fixed) >= MAX_CACHED:
+            self._fixed.clear()
+        self._fixed[domain] = found = first if same else None
+        return found
 
     def signature(self, domain: str) -> tuple[str, ...]:
         """Recipients whose domains share a signature resolve alike for every binding and hook, so they

@@ -285,6 +285,7 @@ class RelayServer:
                 session.transport.close()
         if self._smtp_server is not None:
             await self._smtp_server.wait_closed()
+        await self.handler.release_all()
         await self.pool.close()
         await self.tokens.close()
         if self._metrics_server is not None:
@@ -325,6 +326,8 @@ class _TrackedSMTP(SMTP):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._close_on.discard(self)
+        if self.session is not None and isinstance(self.event_handler, RelayHandler):
+            self.event_handler.release_later(self.session)  # its upstream transaction, if one is open
         super().connection_lost(exc)
 
     async def push(self, status: Any) -> None:

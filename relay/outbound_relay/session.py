@@ -14,7 +14,9 @@ Each part of the conversation has one place:
 - `encode_data`: the message as DATA sends it;
 - `Reply.parse` (reply.py), called by `ReplyReader`: every reply after the handshake;
 - `_read`: what a 421 means (RFC 5321 3.8: the server is closing the session);
-- `send`: the transaction, its refusals, RSET, and what a lost connection means for it.
+- `send`: the transaction, its refusals, RSET, and what a lost connection means for it;
+- `begin`, `add_recipient`, `finish`, `abort`: the same transaction in step with the app's commands
+  (pass-through, docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -102,6 +104,15 @@ class Transaction:
     rcpt_tos: tuple[str, ...]
     content: bytes
     smtp_utf8: bool = False  # the client said SMTPUTF8 on MAIL (RFC 6531)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What the upstream made of a transaction: the reply to the message, and the recipients it refused
+    while it took the message for the others (empty when the reply is a refusal: nobody got it)."""
+
+    reply: Reply
+    refused: tuple[tuple[str, Reply], ...] = ()
 
 
 class SessionDropped(ConnectionError):
@@ -228,6 +239,7 @@ class UpstreamSession:
         self.pipelining = False  # the server offers PIPELINING (RFC 2920)
         self.eight_bit_mime = False  # the server offers 8BITMIME
         self.smtputf8 = False  # the server offers SMTPUTF8 (RFC 6531)
+        self.chunking = False  # the server offers CHUNKING: BDAT (RFC 3030)
         self._smtp = smtp
         self._transport: asyncio.WriteTransport | None = None
         self._reader: ReplyReader | None = None
@@ -389,6 +401,7 @@ class UpstreamSession:
         self.pipelining = smtp.supports_extension("pipelining")
         self.eight_bit_mime = smtp.supports_extension("8bitmime")
         self.smtputf8 = smtp.supports_extension("smtputf8")
+        self.chunking = smtp.supports_extension("chunking")
         size = smtp.esmtp_extensions.get("size", "")
         self.size_limit = int(size) if size.isdigit() else 0
         assert smtp.transport is not None, "connected"
@@ -448,14 +461,8 @@ class UpstreamSession:
 
     # -- the transaction -----------------------------------------------------------------------------
 
-    async def send(self, message: Transaction) -> Reply:
-        """MAIL, RCPT, DATA: the upstream's reply to the message, or the refusal to pass on. With
-        PIPELINING the commands go out in one write and their replies are read after it (RFC 2920);
-        DATA joins them only for one recipient, since a refusal among several must not leave the others
-        to get the message.
-
-        Raises StaleSession when a reused session fails before anything reached the upstream, and
-        UpstreamUnavailable when the connection fails otherwise."""
+    def _cannot_carry(self, message: Transaction) -> Reply | None:
+        """Why this upstream cannot take `message` at all, before anything is sent."""
         if message.smtp_utf8 and not self.smtputf8 and not _all_ascii(message):
             return Reply.of(
                 553, "5.6.7", f"upstream {self.key} does not offer SMTPUTF8, which these addresses need"
@@ -467,12 +474,23 @@ class UpstreamSession:
                 f"message of {len(message.content)} octets is over the {self.size_limit} that upstream "
                 f"{self.key} accepts",
             )
+        return None
+
+    async def send(self, message: Transaction) -> Sent:
+        """MAIL, RCPT, DATA: the upstream's reply to the message, or the refusal to pass on. With
+        PIPELINING the commands, DATA included, go out in one write and their replies are read after it
+        (RFC 2920). Recipients the upstream refuses while it accepts others are left out and named in
+        the result: the others get the message (docs/delivery.md, "Recipients the upstream refuses").
+
+        Raises StaleSession when a reused session fails before anything reached the upstream, and
+        UpstreamUnavailable when the connection fails otherwise."""
+        if (refusal := self._cannot_carry(message)) is not None:
+            return Sent(refusal)
         mail = self._mail_command(message)
         rcpts = [self._rcpt_command(rcpt, message) for rcpt in message.rcpt_tos]
-        data_in_group = self.pipelining and len(rcpts) == 1
         try:
             if self.pipelining:
-                self._write(b"".join([mail, *rcpts, b"DATA\r\n" if data_in_group else b""]))
+                self._write(b"".join([mail, *rcpts, b"DATA\r\n"]))
             else:
                 self._write(mail)
             mail_reply = await self._read()
@@ -482,9 +500,9 @@ class UpstreamSession:
                 raise StaleSession(str(error) or type(error).__name__) from None
             raise UpstreamUnavailable(f"upstream {self.key} failed at MAIL: {error}") from None
         try:
-            return await self._after_mail(message, mail_reply, rcpts, data_in_group)
+            return await self._after_mail(message, mail_reply, rcpts)
         except _Closing as closing:
-            return closing.reply  # a transient refusal, passed on as it is
+            return Sent(closing.reply)  # a transient refusal, passed on as it is
         except OSError as error:
             self.broken = True
             raise UpstreamUnavailable(
@@ -492,9 +510,7 @@ class UpstreamSession:
                 "if DATA was sent, the message may have been delivered"
             ) from None
 
-    async def _after_mail(
-        self, message: Transaction, mail_reply: Reply, rcpts: list[bytes], data_in_group: bool
-    ) -> Reply:
+    async def _after_mail(self, message: Transaction, mail_reply: Reply, rcpts: list[bytes]) -> Sent:
         mail_accepted = mail_reply.code == SMTPStatus.completed
         refused: list[tuple[str, Reply]] = []
         # Pipelined, every RCPT has a reply to read; one at a time, none is sent after a failed MAIL.
@@ -505,29 +521,117 @@ class UpstreamSession:
                 reply = await self._read()
                 if reply.code not in _RCPT_ACCEPTED:
                     refused.append((rcpt, reply))
-        data_reply = await self._read() if data_in_group else None
-        if not mail_accepted or refused:
+        data_reply = await self._read() if self.pipelining else None
+        if not mail_accepted or len(refused) == len(rcpts):
             if data_reply is not None and data_reply.code == SMTPStatus.start_input:
                 # RFC 2920 3.1: DATA was taken with no valid recipient; an empty message ends it.
                 self._write(b".\r\n")
                 await self._read()
             await self._reset()
             if not mail_accepted:
-                return _refused(mail_reply, "MAIL")
-            return _refusal(refused, len(rcpts))
+                return Sent(refused_reply(mail_reply, "MAIL"))
+            return Sent(_refusal(refused, len(rcpts)))
         if data_reply is None:
             self._write(b"DATA\r\n")
             data_reply = await self._read()
+        final = await self._content(message.content, data_reply)
+        return Sent(final, tuple(refused) if final.is_positive else ())
+
+    async def _content(self, content: bytes, data_reply: Reply) -> Reply:
+        """The message after the reply to DATA: the upstream's final reply, or its refusal (then the
+        transaction is reset)."""
         if data_reply.code != SMTPStatus.start_input:
             await self._reset()
-            return _refused(data_reply, "DATA")
-        self._write(encode_data(message.content))
+            return refused_reply(data_reply, "DATA")
+        self._write(encode_data(content))
         # Written to the transport's buffer at once: the wait covers sending the body and the verdict.
         final = await self._read(self.data_timeout)
         if final.is_positive:
             return final
         await self._reset()
-        return _refused(final, "the message")
+        return refused_reply(final, "the message")
+
+    # -- a transaction in step with the app's (pass-through) -----------------------------------------
+
+    async def begin(self, message: Transaction) -> tuple[Reply, bool]:
+        """MAIL FROM and the first RCPT TO (pipelined when offered), as the app's first RCPT arrives:
+        the reply for that RCPT, and whether the upstream transaction is open (MAIL accepted). A refused
+        MAIL is that reply, and the transaction is reset. Raises like `send`."""
+        if (refusal := self._cannot_carry(message)) is not None:
+            return refusal, False
+        [rcpt] = message.rcpt_tos
+        mail, rcpt_line = self._mail_command(message), self._rcpt_command(rcpt, message)
+        try:
+            self._write(mail + rcpt_line if self.pipelining else mail)
+            mail_reply = await self._read()
+        except OSError as error:
+            self.broken = True
+            if self.reused:
+                raise StaleSession(str(error) or type(error).__name__) from None
+            raise UpstreamUnavailable(f"upstream {self.key} failed at MAIL: {error}") from None
+        try:
+            if mail_reply.code != SMTPStatus.completed:
+                if self.pipelining:
+                    await self._read()  # the RCPT's, moot
+                await self._reset()
+                return refused_reply(mail_reply, "MAIL"), False
+            if not self.pipelining:
+                self._write(rcpt_line)
+            return await self._read(), True
+        except _Closing as closing:
+            return closing.reply, False
+        except OSError as error:
+            raise self._lost(error) from None
+
+    async def add_recipient(self, rcpt: str, message: Transaction) -> Reply:
+        """One more RCPT TO in a begun transaction: the upstream's reply to it."""
+        if (refusal := self._cannot_carry(Transaction("", (rcpt,), b"", message.smtp_utf8))) is not None:
+            return refusal
+        try:
+            self._write(self._rcpt_command(rcpt, message))
+            return await self._read()
+        except _Closing as closing:
+            return closing.reply
+        except OSError as error:
+            raise self._lost(error) from None
+
+    async def finish(self, content: bytes) -> Reply:
+        """DATA and the message in a begun transaction with at least one accepted recipient: the
+        upstream's final reply, or its refusal (then the transaction is reset)."""
+        if self.size_limit and len(content) > self.size_limit:
+            await self.abort()
+            refusal = self._cannot_carry(Transaction("", (), content))
+            assert refusal is not None
+            return refusal
+        try:
+            if self.chunking:
+                # BDAT (RFC 3030) needs no 354 first: command and message in one write, one reply, which
+                # saves the round trip DATA costs here (it cannot join the app's RCPTs, unlike in `send`).
+                data = normalise_line_ends(content)
+                self._write(b"BDAT %d LAST\r\n" % len(data) + data)
+                final = await self._read(self.data_timeout)
+                if final.is_positive:
+                    return final
+                await self._reset()
+                return refused_reply(final, "the message")
+            self._write(b"DATA\r\n")
+            return await self._content(content, await self._read())
+        except _Closing as closing:
+            return closing.reply
+        except OSError as error:
+            raise self._lost(error) from None
+
+    async def abort(self) -> None:
+        """End a begun transaction without a message (RSET): the app reset it or went away."""
+        if self.usable:
+            await self._reset()
+
+    def _lost(self, error: OSError) -> UpstreamUnavailable:
+        self.broken = True
+        return UpstreamUnavailable(
+            f"upstream {self.key} failed during the transaction ({error or type(error).__name__}); "
+            "if DATA was sent, the message may have been delivered"
+        )
 
     async def _reset(self) -> None:
         """RSET after a refusal, so that the session can carry the next transaction; if that fails, it
@@ -604,7 +708,7 @@ def _all_ascii(message: Transaction) -> bool:
     return message.mail_from.isascii() and all(rcpt.isascii() for rcpt in message.rcpt_tos)
 
 
-def _refused(reply: Reply, stage: str) -> Reply:
+def refused_reply(reply: Reply, stage: str) -> Reply:
     """The upstream's refusal, passed on; a 2xx or 3xx where a refusal was expected is a broken or
     confused upstream, and must never reach the app as a success."""
     if reply.code >= 400:
@@ -615,22 +719,17 @@ def _refused(reply: Reply, stage: str) -> Reply:
 
 
 def _refusal(refused: list[tuple[str, Reply]], total: int) -> Reply:
-    """The one reply to the message when the upstream refused some recipients. Delivering to the rest
-    would leave the client unable to tell who got the message, so nothing is sent: the client hears why
-    and which."""
+    """The one reply to the message when the upstream refused every recipient: a temporary refusal
+    if any was temporary (a retry may get that one through), else the first permanent one."""
     if total == 1:
-        return _refused(refused[0][1], "RCPT")
+        return refused_reply(refused[0][1], "RCPT")
     temporary = [(rcpt, reply) for rcpt, reply in refused if reply.code < 500]
     _, first = (temporary or refused)[0]
     if first.code < 400:
-        return _refused(first, "RCPT")
+        return refused_reply(first, "RCPT")
     names = ", ".join(rcpt for rcpt, _ in refused)
     return first._replace(
-        lines=(
-            *first.lines,
-            f"(upstream refused {len(refused)} of {total} recipients: {names}; "
-            "nothing was delivered, send the others again without them)",
-        )
+        lines=(*first.lines, f"(upstream refused all {total} recipients: {names}; nothing was delivered)")
     )
 
 

@@ -273,8 +273,7 @@ async def test_token_failures_defer_naming_the_policy(
         failed = token_requests(relay, result)
         deferred = counter(relay, "outbound_relay_messages_total", result="deferred")
     for outcome in (first, second):
-        assert outcome.data_reply is not None
-        code, text = outcome.data_reply
+        code, text = outcome.reply
         assert code == 454, outcome
         assert "4.7.0 OAuth2 token for policy it/faulty" in text
         if fault != "endpoint down":

@@ -208,8 +208,8 @@ async def test_missing_secret_defers_its_scope_instead_of_falling_back(
             relay_on(mount / "relay.yaml") as relay,
         ):
             deferred = await submit(relay.port, ["a@sparkpost.com"], message("deferred"))
-            assert deferred.data_reply is not None and deferred.data_reply[0] == 451
-            assert f"Secret {ns}/sparkpost-smtp not found" in deferred.data_reply[1]
+            assert deferred.code == 451, deferred
+            assert f"Secret {ns}/sparkpost-smtp not found" in deferred.reply[1]
             assert (await submit(relay.port, ["b@example.com"], message("global"))).code == 250
 
             generation = relay.generation.digest

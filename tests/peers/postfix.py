@@ -202,11 +202,14 @@ class PostfixSubmission(_PostfixInstance):
         tls: TLSFiles | None = None,
         *,
         users: dict[str, str] | None = None,
+        recipient_access: dict[str, str] | None = None,
         port: int | None = None,
         startup_timeout: float = 30,
     ) -> None:
         super().__init__(workdir, tls, port, startup_timeout)
         self.users = dict(users or DEFAULT_USERS)
+        # address -> access(5) action, e.g. "550 5.1.1 No such user": smtpd's reply to that RCPT.
+        self.recipient_access = dict(recipient_access or {})
         self.sink = RecordingSink()
 
     @property
@@ -252,7 +255,14 @@ smtpd_relay_restrictions = permit_sasl_authenticated, reject
 mynetworks = {HOST}/32
 relayhost = [{self.sink.host}]:{self.sink.port}
 smtp_tls_security_level = none
-"""
+{self._recipient_restrictions()}"""
+
+    def _recipient_restrictions(self) -> str:
+        if not self.recipient_access:
+            return ""
+        # An inline: table (Postfix 3.0), braces around each entry since the actions hold spaces.
+        entries = " ".join(f"{{ {address} = {action} }}" for address, action in self.recipient_access.items())
+        return f"smtpd_recipient_restrictions = check_recipient_access inline:{{ {entries} }}\n"
 
 
 class PostfixRelay(_PostfixInstance):

@@ -24,13 +24,14 @@ class Faults:
     starttls_refused: bool = False  # advertise STARTTLS, then answer it 454
     refuse_rcpts: dict[str, bytes] = field(default_factory=dict)  # address -> reply line
     size: int = 100_000_000  # advertised as SIZE (RFC 1870)
+    chunking: bool = False  # advertise CHUNKING and take BDAT (RFC 3030)
 
 
 @dataclass(frozen=True)
 class Message:
     mail_from: bytes
     rcpt_tos: tuple[bytes, ...]
-    data: bytes  # as it came on the wire, dot-stuffed, up to and without the end mark
+    data: bytes  # as it came on the wire: after DATA dot-stuffed, without the end mark; after BDAT as is
 
 
 class FaultyUpstream:
@@ -85,6 +86,8 @@ class FaultyUpstream:
                 ehlo = [b"250-faulty.test", b"250-PIPELINING", b"250-8BITMIME", b"250-SIZE %d" % faults.size]
                 if faults.starttls_refused:
                     ehlo.append(b"250-STARTTLS")
+                if faults.chunking:
+                    ehlo.append(b"250-CHUNKING")
                 await self._reply(writer, "EHLO", [*ehlo, b"250 SMTPUTF8"])
             elif verb == "STAR":
                 await self._reply(writer, "STARTTLS", [b"454 4.7.0 TLS not available due to local problem"])
@@ -109,6 +112,15 @@ class FaultyUpstream:
                 if data is None:
                     return  # dropped mid-DATA
                 self.messages.append(Message(mail_from or b"", tuple(rcpts), data))
+                await self._reply(writer, ".", [b"250 2.0.0 Ok: queued"])
+                mail_from, rcpts = None, []
+            elif verb == "BDAT" and faults.chunking:
+                size, _, last = arg.partition(b" ")
+                chunk = await reader.readexactly(int(size))
+                if last.upper() != b"LAST" or not rcpts:
+                    await self._reply(writer, ".", [b"554 5.5.1 Only one BDAT LAST chunk, after a RCPT"])
+                    continue
+                self.messages.append(Message(mail_from or b"", tuple(rcpts), chunk))
                 await self._reply(writer, ".", [b"250 2.0.0 Ok: queued"])
                 mail_from, rcpts = None, []
             elif verb == "RSET":

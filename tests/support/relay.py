@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +48,27 @@ async def running_relay(path: Path, *, reload_interval: float = 0.05) -> AsyncIt
         await server.stop(grace_seconds=5)
 
 
+# The relay's message id at the end of its reply to DATA (outbound_relay.outcomes.with_id).
+_RELAY_ID = re.compile(r" ?\(relay id ([0-9A-F]{12})\)\Z")
+
+
 @dataclass(frozen=True)
 class Outcome:
     rcpt_replies: dict[str, tuple[int, str]]
-    data_reply: tuple[int, str] | None  # None when no recipient was accepted
+    data_reply: tuple[int, str] | None  # None when no recipient was accepted; without the relay id
+    relay_id: str | None = None  # the message id the relay gave in its reply to DATA
+
+    @property
+    def reply(self) -> tuple[int, str]:
+        """The transaction's verdict: the reply to DATA or, when no recipient was accepted, the first
+        refusal of a RCPT (where the relay answers for the upstream in pass-through mode)."""
+        if self.data_reply is not None:
+            return self.data_reply
+        return next(iter(self.rcpt_replies.values()), (0, ""))
 
     @property
     def code(self) -> int:
-        return self.data_reply[0] if self.data_reply else 0
+        return self.reply[0]
 
 
 def message(
@@ -73,7 +87,11 @@ async def submit(port: int, rcpts: list[str], content: bytes, mail_from: str = "
     async with aiosmtplib.SMTP(
         hostname="127.0.0.1", port=port, start_tls=False, local_hostname="app"
     ) as smtp:
-        await smtp.mail(mail_from)
+        if mail_from:
+            await smtp.mail(mail_from)
+        else:  # the null reverse-path of a bounce, which aiosmtplib's mail() refuses to write
+            await smtp.ehlo()
+            await smtp.execute_command(b"MAIL", b"FROM:<>")
         replies: dict[str, tuple[int, str]] = {}
         for rcpt in rcpts:
             response = await smtp.execute_command(b"RCPT", b"TO:<" + rcpt.encode() + b">")
@@ -83,9 +101,13 @@ async def submit(port: int, rcpts: list[str], content: bytes, mail_from: str = "
             return Outcome(replies, None)
         try:
             response = await smtp.data(content)
-            return Outcome(replies, (response.code, response.message))
+            code, text = response.code, response.message
         except aiosmtplib.SMTPDataError as error:
-            return Outcome(replies, (error.code, error.message))
+            code, text = error.code, error.message
+        found = _RELAY_ID.search(text)
+        if found is None:
+            return Outcome(replies, (code, text))
+        return Outcome(replies, (code, text[: found.start()]), found[1])
 
 
 async def raw_session(port: int, commands: bytes) -> list[bytes]:

@@ -49,14 +49,16 @@ async def test_the_upstreams_smaller_size_refuses_before_sending(config_path: Pa
 
 
 async def test_a_line_over_1000_octets_gets_a_clear_5xx_not_an_opaque_500(config_path: Path) -> None:
-    write_config(config_path, {"policies": [plain_policy(2525)]})
-    async with running_relay(config_path) as relay:
-        replies = await raw_session(
-            relay.port,
-            b"EHLO app\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
-            + as_data(b"Subject: long\r\n\r\n" + b"z" * 1200 + b"\r\n"),
-        )
+    async with FaultyUpstream() as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            replies = await raw_session(
+                relay.port,
+                b"EHLO app\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+                + as_data(b"Subject: long\r\n\r\n" + b"z" * 1200 + b"\r\n"),
+            )
     assert _finals(replies)[-2].startswith(b"552 5.6.0 "), replies
+    assert up.messages == []
 
 
 async def test_recipients_past_the_cap_get_452(config_path: Path) -> None:

@@ -125,6 +125,7 @@ def test_resources_and_image_come_from_the_settings() -> None:
     assert sidecar["image"] == "registry.example/relay:2"
     assert sidecar["resources"] == {"requests": {"cpu": "5m", "memory": "16Mi"}, "limits": {"cpu": "1"}}
     assert sidecar["args"][sidecar["args"].index("--log-level") + 1] == "debug"
+    assert sidecar["args"][sidecar["args"].index("--log-format") + 1] == "json"
 
 
 def test_metrics_port_setting_reaches_the_relay_and_the_probes() -> None:

@@ -1,0 +1,207 @@
+"""Per-recipient outcomes (docs/delivery.md, "Recipients the upstream refuses"): in pass-through mode each
+RCPT gets the upstream's own reply; when the route waits for the content, the accepted recipients get
+the message and the envelope sender a DSN (RFC 3464) naming the refused ones. No recipient is lost and
+none gets the message twice."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.message
+import logging
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from outbound_relay.config import RelayConfig
+from outbound_relay.scopes import ScopeIndex
+from tests.support.faulty import Faults, FaultyUpstream, Message, plain_policy
+from tests.support.relay import message, running_relay, submit, write_config
+
+OK, PERM, TEMP = "ok@example.net", "gone@example.net", "busy@example.net"
+REFUSALS = {PERM: b"550 5.1.1 No such user", TEMP: b"451 4.2.2 Mailbox busy, try later"}
+
+
+def _content_dependent(port: int) -> list[dict[str, object]]:
+    """A catch-all policy and a binding's own credentials: the route waits for the binding header."""
+    return [
+        plain_policy(port),
+        {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "bulk", "password": "pw"},
+    ]
+
+
+def _verbs(up: FaultyUpstream) -> list[bytes]:
+    return [command.split(b" ")[0].split(b":")[0].rstrip(b"\r\n").upper() for command in up.commands]
+
+
+def _dsns(up: FaultyUpstream) -> list[Message]:
+    return [m for m in up.messages if m.mail_from.startswith(b"<>")]
+
+
+def test_the_route_is_fixed_only_when_no_binding_changes_it() -> None:
+    policies = [plain_policy(2525)]
+    fixed = ScopeIndex(RelayConfig.model_validate({"policies": policies}))
+    assert fixed.fixed_route("a.example") is not None
+    bound = ScopeIndex(
+        RelayConfig.model_validate(
+            {"policies": [*policies, {"name": "b", "scope": {"binding": "bulk"}, "user": "x"}]}
+        )
+    )
+    assert bound.fixed_route("a.example") is None
+    # A binding's policy for one domain leaves the other domains' routes fixed.
+    per_domain = ScopeIndex(
+        RelayConfig.model_validate(
+            {
+                "policies": [
+                    *policies,
+                    {"name": "b", "scope": {"binding": "bulk", "domain": "b.example"}, "user": "x"},
+                ]
+            }
+        )
+    )
+    assert per_domain.fixed_route("a.example") is not None
+    assert per_domain.fixed_route("b.example") is None
+
+
+async def test_pass_through_each_recipient_hears_the_upstreams_own_reply(config_path: Path) -> None:
+    async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK, PERM, TEMP], message())
+            metrics = relay.metrics.render().decode()
+    assert outcome.rcpt_replies[OK][0] == 250
+    assert outcome.rcpt_replies[PERM] == (550, "5.1.1 No such user")
+    assert outcome.rcpt_replies[TEMP] == (451, "4.2.2 Mailbox busy, try later")
+    assert outcome.code == 250, outcome
+    assert [m.rcpt_tos for m in up.messages] == [(OK.encode(),)]
+    assert 'outbound_relay_messages_total{result="delivered"} 1.0' in metrics
+
+
+async def test_pass_through_rset_and_a_dropped_app_release_the_upstream(config_path: Path) -> None:
+    async with FaultyUpstream() as up:
+        policy = plain_policy(up.port, maxConnections=1)
+        write_config(config_path, {"policies": [policy], "upstream": {"timeoutSeconds": 3}})
+        async with running_relay(config_path) as relay:
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as app:
+                await app.mail("a@example.org")
+                await app.rcpt("first@example.net")
+                await app.rset()
+                await app.mail("a@example.org")
+                await app.rcpt("second@example.net")
+                await app.data(message())
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+            writer.write(b"EHLO app\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<dropped@example.net>\r\n")
+            await writer.drain()
+            finals = 0
+            while finals < 3:  # EHLO, MAIL and RCPT answered: the upstream has the RCPT
+                finals += (await reader.readline()).startswith(b"250 ")
+            writer.close()
+            # With one connection allowed, this waits for the dropped app's upstream transaction.
+            outcome = await submit(relay.port, ["third@example.net"], message())
+    assert outcome.code == 250, outcome
+    assert [m.rcpt_tos for m in up.messages] == [(b"second@example.net",), (b"third@example.net",)]
+    assert up.connections == 1
+    assert _verbs(up).count(b"RSET") == 2, up.commands
+
+
+async def test_pass_through_an_upstream_refusing_the_sender_answers_each_rcpt(config_path: Path) -> None:
+    faults = Faults(replies={"MAIL": [b"553 5.7.1 Sender not allowed"]})
+    async with FaultyUpstream(faults) as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK], message())
+    assert outcome.rcpt_replies[OK] == (553, "5.7.1 Sender not allowed")
+    assert outcome.data_reply is None
+    assert up.messages == []
+
+
+async def test_content_dependent_mixed_refusals_deliver_to_the_accepted_and_bounce_the_rest(
+    config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK, PERM, TEMP], message(subject="mixed"))
+            metrics = relay.metrics.render().decode()
+    assert [code for code, _ in outcome.rcpt_replies.values()] == [250, 250, 250]
+    assert outcome.code == 250, outcome
+    assert "refused 2 of 3 recipients" in outcome.reply[1], outcome
+    delivered = [m for m in up.messages if not m.mail_from.startswith(b"<>")]
+    assert [m.rcpt_tos for m in delivered] == [(OK.encode(),)]
+    [dsn] = _dsns(up)
+    assert dsn.rcpt_tos == (b"app@example.org",)
+    report = email.message_from_bytes(dsn.data)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    parts = report.get_payload()
+    assert isinstance(parts, list)
+    status = parts[1]
+    assert isinstance(status, email.message.Message)
+    assert status.get_content_type() == "message/delivery-status"
+    text = dsn.data.decode()
+    assert f"Final-Recipient: rfc822;{PERM}" in text and "Status: 5.1.1" in text
+    assert f"Final-Recipient: rfc822;{TEMP}" in text and "Status: 4.2.2" in text
+    assert OK not in text.split("Content-Type: message/delivery-status")[1].split("\r\n--")[0]
+    assert "Subject: mixed" in text  # the refused message's header, to tell the sender which one
+    assert 'outbound_relay_dsn_total{result="sent"} 1.0' in metrics
+
+
+async def test_content_dependent_all_refused_is_one_reply_and_no_dsn(config_path: Path) -> None:
+    async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            both = await submit(relay.port, [PERM, TEMP], message())
+            permanent = await submit(relay.port, [PERM], message())
+    assert both.code == 451, both  # one of them may yet be accepted: the app retries both
+    assert PERM in both.reply[1] and TEMP in both.reply[1]
+    assert permanent.reply == (550, "5.1.1 No such user")
+    assert permanent.relay_id is not None
+    assert up.messages == []
+
+
+async def test_content_dependent_null_sender_gets_no_dsn_and_the_loss_is_logged_and_counted(
+    config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            with caplog.at_level(logging.INFO):
+                outcome = await submit(relay.port, [OK, PERM], message(), mail_from="")
+            metrics = relay.metrics.render().decode()
+    assert outcome.code == 250, outcome
+    assert [m.rcpt_tos for m in up.messages] == [(OK.encode(),)]
+    assert 'outbound_relay_dsn_total{result="no_sender"} 1.0' in metrics
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(PERM in r.getMessage() for r in errors), caplog.text
+
+
+async def test_content_dependent_dsn_refused_by_the_upstream_is_logged_and_counted(
+    config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusals = {**REFUSALS, "app@example.org": b"550 5.1.1 Sender unknown"}
+    async with FaultyUpstream(Faults(refuse_rcpts=refusals)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK, PERM], message())
+            metrics = relay.metrics.render().decode()
+    assert outcome.code == 250, outcome
+    assert [m.rcpt_tos for m in up.messages] == [(OK.encode(),)]
+    assert 'outbound_relay_dsn_total{result="refused"} 1.0' in metrics
+    assert any(r.levelno >= logging.ERROR and PERM in r.getMessage() for r in caplog.records)
+
+
+async def test_pass_through_sends_the_message_with_bdat_when_the_upstream_offers_chunking(
+    config_path: Path,
+) -> None:
+    content = b"Subject: chunked\r\n\r\nbare\nline feed, then\r\n.a leading dot\r\n"
+    async with FaultyUpstream(Faults(chunking=True, refuse_rcpts=REFUSALS)) as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK, PERM], content)
+    assert outcome.code == 250, outcome
+    assert b"DATA" not in _verbs(up) and b"BDAT" in _verbs(up), up.commands
+    [sent] = up.messages
+    assert sent.rcpt_tos == (OK.encode(),)
+    # Line ends normalised as for DATA; no dot-stuffing, since BDAT has no end mark.
+    assert sent.data == b"Subject: chunked\r\n\r\nbare\r\nline feed, then\r\n.a leading dot\r\n"
