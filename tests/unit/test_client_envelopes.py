@@ -76,3 +76,22 @@ async def test_a_bounce_with_the_null_sender_is_relayed(tls: TLSFiles, config_pa
             outcome = await submit(relay.port, ["a@example.com"], message(), mail_from="")
     assert outcome.code == 250, outcome
     assert up.received[0].mail_from == "<>"  # how the aiosmtpd upstream records MAIL FROM:<>
+
+
+@given(raw=st.binary(min_size=1, max_size=20).filter(lambda b: not _is_utf8(b)))
+def test_an_address_that_is_not_utf8_is_refused_even_with_smtputf8(raw: bytes) -> None:
+    """aiosmtpd decodes such bytes with surrogateescape; they must be refused at MAIL or RCPT (RFC 6531
+    asks for UTF-8), so that no hook, log line or upstream command ever gets a lone surrogate."""
+    envelope = Envelope()
+    envelope.smtp_utf8 = True
+    address = raw.decode("utf-8", "surrogateescape") + "@example.com"
+    refusal = _unsendable(address, envelope)
+    assert refusal is not None and refusal.startswith("553 "), refusal
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -102,7 +102,12 @@ def echo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HookChain, 
 
 
 header_bytes = st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
-addresses = st.text(st.characters(exclude_characters="\r\n"), min_size=1, max_size=40)
+# What the server can hand a hook: any text but surrogates. An address that is not valid UTF-8 (which
+# aiosmtpd decodes with surrogateescape) is refused at MAIL or RCPT (delivery._unsendable), so no hook
+# ever sees one.
+addresses = st.text(
+    st.characters(exclude_characters="\r\n", exclude_categories=("Cs",)), min_size=1, max_size=40
+)
 
 
 @settings(max_examples=60, deadline=None)
