@@ -199,6 +199,10 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):  # the fields themselves, not their text form again
             line["msg"] = f"message {fields['id']} {fields['outcome']}"
             line.update(fields)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # as the redaction filter left it: never the exception formatted anew
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = record.stack_info
         return json.dumps(line, separators=(",", ":"))

@@ -41,6 +41,8 @@ class SecretRedactor(logging.Filter):
                 record.exc_text = logging.Formatter().formatException(record.exc_info)
             if record.exc_text:
                 record.exc_text = self.redact(record.exc_text)
+            if record.stack_info:
+                record.stack_info = self.redact(record.stack_info)
             if redacted != message:
                 record.msg, record.args = redacted, None
         return True

@@ -135,6 +135,27 @@ def test_redactor_scrubs_a_secret_that_a_log_call_would_leak() -> None:
     assert record.getMessage() == "sent *** to ab"  # two-letter values would blank ordinary words
 
 
+def test_a_secret_in_an_exception_is_redacted_in_both_log_formats() -> None:
+    """The sidecar logs JSON: a traceback there must be the redacted one, as in text."""
+    import logging
+    import sys
+
+    from outbound_relay.outcomes import JsonFormatter
+
+    redactor = SecretRedactor()
+    redactor.set_secrets(["Sp4rk-secret-pw"])
+    try:
+        raise ValueError("token Sp4rk-secret-pw rejected")
+    except ValueError:
+        exc_info = sys.exc_info()
+    for formatter in (JsonFormatter(), logging.Formatter()):
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), exc_info)
+        record.stack_info = "Stack (most recent call last):\n  uses Sp4rk-secret-pw"
+        assert redactor.filter(record)
+        line = formatter.format(record)
+        assert "rejected" in line and "Sp4rk-secret-pw" not in line, line
+
+
 def test_redactor_keeps_config_secrets_and_tokens_apart() -> None:
     """Tokens come and go as they are renewed; config secrets stay until the next config."""
     redactor = SecretRedactor()
