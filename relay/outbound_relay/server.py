@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 from prometheus_client import start_http_server
 
 from outbound_relay.config import ClientAuth, ConfigError, ListenConfig, fingerprint
@@ -329,6 +329,15 @@ class _TrackedSMTP(SMTP):
         if self.session is not None and isinstance(self.event_handler, RelayHandler):
             self.event_handler.release_later(self.session)  # its upstream transaction, if one is open
         super().connection_lost(exc)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # TLS gives aiosmtpd a new Session (RFC 3207 4.2: the SMTP state starts afresh), so a transaction
+        # opened before it, keyed by the old one, would keep its upstream session for good: end it first.
+        handler, session = self.event_handler, self.session
+        if not arg and self.tls_context and session is not None and isinstance(handler, RelayHandler):
+            await handler.release(session)
+        await super().smtp_STARTTLS(arg)
 
     async def push(self, status: Any) -> None:
         """aiosmtpd's replies, with the few that are opaque made clear (RFC 3463 status, what to do)."""

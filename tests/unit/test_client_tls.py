@@ -94,3 +94,31 @@ async def test_client_auth_none_offers_no_auth_after_starttls_either(
     async with running_relay(config_path) as relay:
         got = await asyncio.to_thread(_auth_offered_after_starttls, relay.port, tls.client_context())
     assert got is offered
+
+
+def _starttls_mid_transaction(port: int, context: ssl.SSLContext) -> None:
+    """MAIL and RCPT (the upstream transaction opens at RCPT), then STARTTLS, then gone."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo()
+        client.mail("app@example.org")
+        assert client.rcpt("a@example.com")[0] == 250
+        client.starttls(context=context)
+
+
+async def test_starttls_in_a_transaction_releases_its_upstream_session(
+    tls: TLSFiles, config_path: Path
+) -> None:
+    """TLS gives aiosmtpd a new session: the transaction opened before it must not keep its upstream
+    session (and a permit of maxConnections) for as long as the relay runs."""
+    async with AuthUpstream(tls, users={"u": "p"}) as up:
+        listen = {"port": 0, "tls": {"certFile": str(tls.cert_file), "keyFile": str(tls.key_file)}}
+        policy = {**catch_all_policy(up.port, tls), "maxConnections": 2}
+        config = {"listen": listen, "upstream": {"timeoutSeconds": 5}, "policies": [policy]}
+        write_config(config_path, config)
+        async with running_relay(config_path) as relay:
+            for _ in range(3):
+                await asyncio.to_thread(_starttls_mid_transaction, relay.port, tls.client_context())
+            await asyncio.sleep(0.2)
+            offered, _ = await asyncio.to_thread(_send, relay.port, tls.client_context())
+    assert offered
+    assert [r.rcpt_tos for r in up.received] == [("a@example.com",)]
