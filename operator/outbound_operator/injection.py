@@ -178,6 +178,9 @@ def is_injected(pod: Mapping[str, Any]) -> bool:
     return any(c.get("name") == CONTAINER_NAME for c in containers)
 
 
+IMAGE_UID = 65532  # the image's USER (Dockerfile)
+
+
 def sidecar_container(
     settings: InjectionSettings, *, binding: str | None = None, hooks: bool = False
 ) -> dict[str, Any]:
@@ -306,6 +309,11 @@ def injection_patch(pod: Mapping[str, Any], settings: InjectionSettings) -> Json
 
     patch: JsonPatch = []
     container = sidecar_container(settings, binding=binding, hooks=hooks is not None)
+    pod_security = spec.get("securityContext") or {}
+    if settings.run_as_user is None and pod_security.get("runAsUser") == 0:
+        # The sidecar would inherit root from the Pod and be refused (runAsNonRoot): run it as the image's
+        # user instead, which is what it gets in every other Pod that names no UID.
+        container["securityContext"] |= {"runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID}
     # First of the init containers, so that later init containers can send mail too.
     if spec.get("initContainers"):
         patch.append({"op": "add", "path": "/spec/initContainers/0", "value": container})

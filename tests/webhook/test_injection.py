@@ -115,6 +115,18 @@ def test_security_context_is_locked_down() -> None:
     assert security["runAsUser"] == 1000 and security["runAsGroup"] == 3000 and security["runAsNonRoot"]
 
 
+def test_a_pod_that_runs_as_root_gets_a_sidecar_that_does_not() -> None:
+    """Without a UID of its own the sidecar inherits the Pod's: root would be refused (runAsNonRoot) and
+    the Pod would never start. It runs as the image's user instead; a Pod's non-root UID is kept."""
+    as_root = pod(OPTED_IN)
+    as_root["spec"]["securityContext"] = {"runAsUser": 0}
+    security = sidecar_of(inject(as_root, SETTINGS))["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"], security["runAsNonRoot"]) == (65532, 65532, True)
+    as_user = pod(OPTED_IN)
+    as_user["spec"]["securityContext"] = {"runAsUser": 1000}
+    assert "runAsUser" not in sidecar_of(inject(as_user, SETTINGS))["securityContext"]
+
+
 def test_resources_and_image_come_from_the_settings() -> None:
     settings = InjectionSettings(
         image="registry.example/relay:2",
