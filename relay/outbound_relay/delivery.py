@@ -79,6 +79,14 @@ class _Transaction:
     lost: Reply | None = None  # the upstream transaction was lost after accepting recipients: DATA's reply
 
 
+def _not_closing(reply: Reply) -> Reply:
+    """An upstream's 421 as the app must hear it: the upstream closes its session, not the relay its own
+    (a 421 tells a client the server is closing the connection), so a 451 with the same text."""
+    if reply.code != 421:
+        return reply
+    return Reply(451, reply.status or "4.4.2", ("upstream closed the session:", *reply.lines))
+
+
 def _unsendable(address: str, envelope: Envelope) -> str | None:
     """The refusal of an address that cannot be sent upstream, at the client's MAIL or RCPT: later, at
     DATA, it would fail the same way on every retry. RFC 6531 3.5: a non-ASCII address is only allowed
@@ -243,8 +251,7 @@ class RelayHandler:
             log.exception("RCPT failed unexpectedly")
             await self._lose_upstream(transaction, _INTERNAL_ERROR)
             return _INTERNAL_ERROR.one_line()
-        if reply.code == 421:  # the upstream is closing its session, not the relay its own
-            reply = Reply(451, reply.status or "4.4.2", ("upstream closed the session:", *reply.lines))
+        reply = _not_closing(reply)
         if passing is not None and not passing.session.usable:  # a 421, or the connection went
             await self._lose_upstream(transaction, reply)
         if reply.code in (250, 251) and passing is not None and transaction.passing is passing:
@@ -351,7 +358,7 @@ class RelayHandler:
         """DATA of a pass-through transaction: the upstream's final reply."""
         passing.busy = True
         try:
-            reply = await passing.session.finish(content)
+            reply = _not_closing(await passing.session.finish(content))
             passing.busy = False
         except RelayError as error:
             log.log(logging.WARNING if error.temporary else logging.INFO, "message not delivered: %s", error)

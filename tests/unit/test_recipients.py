@@ -205,3 +205,16 @@ async def test_pass_through_sends_the_message_with_bdat_when_the_upstream_offers
     assert sent.rcpt_tos == (OK.encode(),)
     # Line ends normalised as for DATA; no dot-stuffing, since BDAT has no end mark.
     assert sent.data == b"Subject: chunked\r\n\r\nbare\r\nline feed, then\r\n.a leading dot\r\n"
+
+
+async def test_pass_through_an_upstream_closing_at_the_end_of_data_is_a_451_for_the_app(
+    config_path: Path,
+) -> None:
+    """A 421 tells a client that the server closes the connection; the relay does not: the app hears 451."""
+    async with FaultyUpstream(Faults(replies={".": [b"421 4.3.2 Shutting down"]})) as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK], message())
+    assert outcome.rcpt_replies[OK][0] == 250
+    assert outcome.code == 451, outcome
+    assert "4.3.2" in str(outcome.reply), outcome
