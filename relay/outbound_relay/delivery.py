@@ -27,7 +27,7 @@ from outbound_relay.errors import HookFailed, RelayError, RouteMisconfigured
 from outbound_relay.generation import Generation
 from outbound_relay.message import address_defect, parse_headers, pop_header, split_headers
 from outbound_relay.metrics import DeliveryMetrics, DsnResult, MessageResult, RelayMetrics
-from outbound_relay.outcomes import Outcome, Record, emit, with_id
+from outbound_relay.outcomes import MAX_RECORDED, Outcome, Record, emit, with_id
 from outbound_relay.pool import UpstreamPool
 from outbound_relay.reply import Reply, printable
 from outbound_relay.scopes import Route
@@ -163,7 +163,11 @@ class RelayHandler:
             transaction = None
         reply = await self._rcpt(session, transaction, envelope, address, rcpt_options)
         if transaction is not None:
-            transaction.record.recipients.append((address, Reply.parse([reply.encode()])))
+            record = transaction.record
+            if len(record.recipients) < MAX_RECORDED:
+                record.recipients.append((address, Reply.parse([reply.encode()])))
+            else:
+                record.unrecorded += 1
         return reply
 
     async def _rcpt(

@@ -59,6 +59,7 @@ class Record:
     dsn: str | None = None  # for recipients refused at DATA: sent, refused, no_sender
     # Each RCPT of the app, in order, with the reply it got; then those refused at DATA.
     recipients: list[tuple[str, Reply]] = field(default_factory=list)
+    unrecorded: int = 0  # RCPTs past MAX_RECORDED: counted, not kept (one app must not grow a line forever)
     refused_at_data: list[tuple[str, Reply]] = field(default_factory=list)
     logged: bool = False
 
@@ -88,7 +89,7 @@ class Record:
             "mode": self.mode,
             "from_domain": _domain(self.mail_from),
             "rcpt_domains": _domains(self.recipients),
-            "recipients": len(self.recipients),
+            "recipients": len(self.recipients) + self.unrecorded,
             "policy": None if route is None else route.policy,
             "scope": None if route is None else route.scope,
             "upstream": self.upstream,
@@ -128,6 +129,9 @@ class Record:
         return fields
 
 
+MAX_RECORDED = 1000  # RCPTs of one transaction kept for its line (10 times the default recipient limit)
+
+
 def _domains(recipients: list[tuple[str, Reply]]) -> list[str]:
     if len(recipients) == 1:
         return [_domain(recipients[0][0])]
@@ -144,6 +148,8 @@ def _first_refusal(recipients: list[tuple[str, Reply]]) -> Reply | None:
 def _domain(address: str) -> str:
     if address in ("", "<>"):
         return ""
+    if "@" not in address:
+        return "-"  # no domain (a refused RCPT): the rest could be anything, a mistyped password even
     domain = address.rpartition("@")[2].lower()
     if domain.isascii() and domain.isprintable() and " " not in domain and len(domain) <= 255:
         return domain  # the common case, without printable()'s regex

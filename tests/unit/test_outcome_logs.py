@@ -114,3 +114,14 @@ async def test_addresses_only_when_asked(
     [line] = _lines(caplog)
     assert (line["from"], line["rcpts"]) == ("app@sender.example", [OK])
     assert SECRET not in json.dumps(line)
+
+
+async def test_a_recipient_without_a_domain_is_never_logged_whole(
+    tls: TLSFiles, config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an app gives as a recipient may be anything (a token pasted in the wrong field): without an @,
+    the line has no domain to show, so it shows "-"."""
+    outcome, [line] = await _run(tls, config_path, caplog, ["Tok3n-pasted-by-mistake", OK])
+    assert outcome.rcpt_replies["Tok3n-pasted-by-mistake"][0] == 553
+    assert line["rcpt_domains"] == ["-", "accepting.example"]
+    assert "Tok3n" not in json.dumps(line)
