@@ -50,14 +50,22 @@ def test_missing_secret_then_ready_without_restart(objects: Objects, start_opera
         "suspended": f"Secret {ns}/sparkpost-smtp not found",
     }
     assert rendered[f"{ns}/global"]["password"] == "Gl0bal-pw"
-    assert ("Warning", "SecretNotFound") in [e[:2] for e in objects.events("sparkpost")]
+    # The Event is posted after the status patch that the test saw: wait for it too.
+    wait_for(
+        lambda: ("Warning", "SecretNotFound") in [e[:2] for e in objects.events("sparkpost")],
+        what="the SecretNotFound Event",
+    )
     wait_for(lambda: operator.metric("outbound_operator_policies", condition="SecretMissing") == 1)
 
     objects.put_secret("sparkpost-smtp", {"password": "Sp4rk-pw"})
     objects.wait_condition("sparkpost", "Ready", "True")
     assert objects.condition("sparkpost", "SecretMissing")["status"] == "False"
     wait_for(lambda: objects.rendered_policies()[f"{ns}/sparkpost"].get("password") == "Sp4rk-pw")
-    assert ("Normal", "Rendered") in [e[:2] for e in objects.events("sparkpost")]
+    # The Event is posted after the status patch that the test saw: wait for it too.
+    wait_for(
+        lambda: ("Normal", "Rendered") in [e[:2] for e in objects.events("sparkpost")],
+        what="the Rendered Event",
+    )
     wait_for(lambda: operator.metric("outbound_operator_policies", condition="Ready") == 2)
 
     # A key that goes away: the last value is not kept in the config.
@@ -98,7 +106,11 @@ def test_conflict_older_policy_wins_and_deletion_removes(
     rendered = objects.rendered()
     assert rendered is not None
     assert sorted(o["name"] for o in rendered["metadata"]["ownerReferences"]) == ["aa-younger", "zz-older"]
-    assert ("Warning", "ScopeTaken") in [e[:2] for e in objects.events("aa-younger")]
+    # The Event is posted after the status patch that the test saw: wait for it too.
+    wait_for(
+        lambda: ("Warning", "ScopeTaken") in [e[:2] for e in objects.events("aa-younger")],
+        what="the ScopeTaken Event",
+    )
 
     objects.delete_policy("zz-older")
     objects.wait_condition("aa-younger", "Ready", "True")

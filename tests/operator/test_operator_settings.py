@@ -16,7 +16,7 @@ from kubernetes import client
 
 from outbound_operator.resources import RENDERED_SECRET, SETTINGS_PLURAL
 from outbound_relay.config import load_config
-from tests.operator.cluster import REPO, Objects, call_json
+from tests.operator.cluster import REPO, Objects, call_json, wait_for
 from tests.operator.conftest import StartOperator
 from tests.operator.kubelet import projected_secret
 from tests.operator.test_operator_delivery import relay_on, upstream_settings
@@ -128,8 +128,14 @@ async def test_a_broken_hook_keeps_the_last_good_one_in_force(
     data = objects.rendered_data()
     assert data[HOOK_KEY] == changed.encode() and data["relay.yaml"] == good_yaml
     assert objects.get("default", SETTINGS_PLURAL)["status"]["hooks"] == [HOOK_KEY]
-    warnings = [e for e in objects.events("default") if e[0] == "Warning"]
-    assert any(reason == "HookInvalid" and "relay-hooks/auth.lua:4:" in text for _, reason, text in warnings)
+    # The Event follows the status patch: wait for it.
+    wait_for(
+        lambda: any(
+            kind == "Warning" and reason == "HookInvalid" and "relay-hooks/auth.lua:4:" in text
+            for kind, reason, text in objects.events("default")
+        ),
+        what="the HookInvalid Event",
+    )
 
     # A file that compiles but registers no hook fails as it would in the relay.
     # Its top level's print is not logged by the operator (a hook may print a token).
