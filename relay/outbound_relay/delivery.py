@@ -7,7 +7,8 @@ Two ways, by whether the route of a recipient can depend on the message (docs/de
   the upstream's own reply; a recipient of another route gets `452 4.5.3` (RFC 5321 4.5.3.1.10).
 - content-dependent: the binding header or a hook decides the route after DATA. Recipients are grouped at
   RCPT by the domain policies that apply to them (ScopeIndex.signature); at DATA, recipients the upstream
-  refuses while it accepts others are told to the sender in a DSN (dsn.py).
+  refuses for good while it accepts others are told to the sender in a DSN (dsn.py); one refused for now
+  defers the whole message (UpstreamSession.send).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import contextlib
 import logging
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from outbound_relay.config import CONTEXT_KEYS
-from outbound_relay.dsn import build_report
+from outbound_relay.dsn import Action, Entry, build_report, requested
+from outbound_relay.dsn_params import NO_MAIL_DSN, NO_RCPT_DSN, DsnSyntaxError, MailDsn, RcptDsn
 from outbound_relay.errors import HookFailed, RelayError, RouteMisconfigured
 from outbound_relay.generation import Generation
 from outbound_relay.message import address_defect, parse_headers, pop_header, split_headers
@@ -63,7 +65,7 @@ class _PassThrough:
     message: Transaction  # the sender and SMTPUTF8, for the RCPT lines
     session: UpstreamSession
     lease: contextlib.AsyncExitStack
-    accepted: int = 0
+    accepted: list[tuple[str, RcptDsn]] = field(default_factory=list)  # the recipients the upstream took
     open: bool = True  # MAIL accepted and no DATA yet: an RSET ends it
     busy: bool = False  # a command is in flight: if the app goes away now, the session's state is unknown
 
@@ -75,6 +77,8 @@ class _Transaction:
 
     envelope: Envelope
     record: Record
+    dsn: MailDsn = NO_MAIL_DSN  # RET and ENVID of its MAIL
+    rcpt_dsn: list[RcptDsn] = field(default_factory=list)  # NOTIFY and ORCPT of each of envelope.rcpt_tos
     passing: _PassThrough | None = None
     lost: Reply | None = None  # the upstream transaction was lost after accepting recipients: DATA's reply
 
@@ -135,12 +139,25 @@ class RelayHandler:
     def _generation_of(self, envelope: Envelope) -> Generation:
         return self._pinned.get(envelope) or self.generation
 
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """aiosmtpd's EHLO lines, and DSN (RFC 3461): the relay takes the DSN parameters of MAIL and RCPT
+        whatever the upstream (docs/delivery.md, "DSN parameters")."""
+        session.host_name = hostname  # what aiosmtpd does itself when the handler has no handle_EHLO
+        *extensions, last = responses
+        return [*extensions, "250-DSN", last]
+
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
     ) -> str:
         await self.release(session)  # what an earlier transaction left open (a failed DATA, an EHLO)
         if self.closing:
             return "421 4.3.2 The relay is shutting down; try again"
+        try:
+            dsn = MailDsn.from_options(mail_options)
+        except DsnSyntaxError as error:
+            return f"501 5.5.4 {error}"
         if (defect := address_defect(address)) is not None:
             return f"553 5.1.7 Sender address {defect}"
         if refusal := _unsendable(address, envelope):
@@ -151,7 +168,7 @@ class RelayHandler:
             self._auth_binding[envelope] = auth_data
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        self._transactions[session] = _Transaction(envelope, Record("" if address == "<>" else address))
+        self._transactions[session] = _Transaction(envelope, Record("" if address == "<>" else address), dsn)
         return "250 OK"
 
     async def handle_RCPT(
@@ -181,6 +198,10 @@ class RelayHandler:
         local, at, domain = address.rpartition("@")
         if not at or not local or not domain:
             return "553 5.1.3 Recipient address must be local@domain"
+        try:
+            dsn = RcptDsn.from_options(rcpt_options)
+        except DsnSyntaxError as error:
+            return f"501 5.5.4 {error}"
         if (defect := address_defect(address)) is not None:
             return f"553 5.1.3 Recipient address {defect}"
         if refusal := _unsendable(address, envelope):
@@ -195,7 +216,7 @@ class RelayHandler:
         if route is not None and transaction is not None:
             if envelope.rcpt_tos and passing is None:
                 return _ANOTHER_ROUTE  # the transaction waits for its content
-            return await self._pass_rcpt(transaction, envelope, route, address, rcpt_options)
+            return await self._pass_rcpt(transaction, envelope, route, address, rcpt_options, dsn)
         if passing is not None:
             if passing.accepted:
                 return _ANOTHER_ROUTE
@@ -206,6 +227,7 @@ class RelayHandler:
                 return _ANOTHER_ROUTE
         if transaction is not None:
             transaction.record.mode = "content"
+            transaction.rcpt_dsn.append(dsn)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
@@ -227,6 +249,7 @@ class RelayHandler:
         route: Route,
         address: str,
         rcpt_options: list[str],
+        dsn: RcptDsn,
     ) -> str:
         """The app's RCPT, forwarded: the upstream's reply is the app's."""
         passing = transaction.passing
@@ -242,10 +265,10 @@ class RelayHandler:
                 passing = None
             if passing is None:
                 record.route, record.upstream = route, str(key)
-                passing, reply = await self._begin(transaction, route, key, address)
+                passing, reply = await self._begin(transaction, route, key, address, dsn)
             else:
                 passing.busy = True
-                reply = await passing.session.add_recipient(address, passing.message)
+                reply = await passing.session.add_recipient(address, dsn, passing.message)
                 passing.busy = False
         except RelayError as error:
             log.log(logging.WARNING if error.temporary else logging.INFO, "RCPT not forwarded: %s", error)
@@ -259,19 +282,21 @@ class RelayHandler:
         if passing is not None and not passing.session.usable:  # a 421, or the connection went
             await self._lose_upstream(transaction, reply)
         if reply.code in (250, 251) and passing is not None and transaction.passing is passing:
-            passing.accepted += 1
+            passing.accepted.append((address, dsn))
+            transaction.rcpt_dsn.append(dsn)
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
             return reply.one_line()
         return refused_reply(reply, "RCPT").one_line()
 
     async def _begin(
-        self, transaction: _Transaction, route: Route, key: UpstreamKey, address: str
+        self, transaction: _Transaction, route: Route, key: UpstreamKey, address: str, dsn: RcptDsn
     ) -> tuple[_PassThrough | None, Reply]:
         """Lease a session and send MAIL and the first RCPT: the pass-through transaction (None when the
         upstream refused MAIL) and the reply for the app's RCPT."""
         mail_from = transaction.record.mail_from
-        message = Transaction(mail_from, (address,), b"", bool(transaction.envelope.smtp_utf8))
+        smtp_utf8 = bool(transaction.envelope.smtp_utf8)
+        message = Transaction(mail_from, (address,), b"", smtp_utf8, transaction.dsn, (dsn,))
         for attempt, fresh in ((1, False), (2, True)):
             transaction.record.attempt = attempt
             lease = contextlib.AsyncExitStack()
@@ -362,13 +387,18 @@ class RelayHandler:
         """DATA of a pass-through transaction: the upstream's final reply."""
         passing.busy = True
         try:
-            reply = _not_closing(await passing.session.finish(content))
+            upstream = passing.session
+            reply = _not_closing(await upstream.finish(content))
             passing.busy = False
+            if reply.is_positive and not upstream.dsn:
+                rcpts, dsns = zip(*passing.accepted, strict=True)
+                message = replace(passing.message, rcpt_tos=rcpts, content=content, rcpt_dsn=dsns)
+                reply = await self._tell_sender(upstream, message, Sent(reply), transaction.record)
         except RelayError as error:
             log.log(logging.WARNING if error.temporary else logging.INFO, "message not delivered: %s", error)
             reply = error.reply
         except Exception:
-            log.exception("transaction for %d recipient(s) failed unexpectedly", passing.accepted)
+            log.exception("transaction for %d recipient(s) failed unexpectedly", len(passing.accepted))
             reply = _INTERNAL_ERROR
         finally:
             passing.open = False
@@ -392,7 +422,7 @@ class RelayHandler:
             content, _ = pop_header(envelope.content, generation.config.binding_header)
             reply = await self._finish(transaction, transaction.passing, content)
         else:
-            reply = await self.deliver(generation, envelope, record)
+            reply = await self.deliver(generation, envelope, transaction)
         record.latency = time.perf_counter() - started
         self.metrics.delivery_duration.observe(record.latency)
         result = (
@@ -407,10 +437,11 @@ class RelayHandler:
         await self.release(session, reply)
         return reply.one_line()
 
-    async def deliver(self, generation: Generation, envelope: Envelope, record: Record) -> Reply:
+    async def deliver(self, generation: Generation, envelope: Envelope, transaction: _Transaction) -> Reply:
         """The reply for the client's DATA when the route waited for the content: the upstream's, or
         ours when it could not be asked."""
         assert isinstance(envelope.content, bytes)
+        record = transaction.record
         assert envelope.mail_from is not None
         try:
             if generation.missing is not None:
@@ -419,7 +450,14 @@ class RelayHandler:
             record.route = route
             # aiosmtpd keeps the null reverse-path as "<>"; the upstream session spells it "".
             mail_from = "" if envelope.mail_from == "<>" else envelope.mail_from
-            message = Transaction(mail_from, tuple(envelope.rcpt_tos), content, bool(envelope.smtp_utf8))
+            message = Transaction(
+                mail_from,
+                tuple(envelope.rcpt_tos),
+                content,
+                bool(envelope.smtp_utf8),
+                transaction.dsn,
+                tuple(transaction.rcpt_dsn),
+            )
             return await self._send(route, message, record)
         except RelayError as error:
             level = logging.WARNING if error.temporary else logging.INFO
@@ -477,31 +515,49 @@ class RelayHandler:
             except StaleSession:
                 pass
             else:
-                return await self._partly_refused(session, message, sent, record)
+                return await self._tell_sender(session, message, sent, record)
         # A pooled session the upstream had quietly closed: nothing was sent, so one retry is safe.
         record.attempt = 2
         async with self.pool.lease(route, fresh=True) as session:
             sent = await session.send(message)
-            return await self._partly_refused(session, message, sent, record)
+            return await self._tell_sender(session, message, sent, record)
 
-    async def _partly_refused(
+    async def _tell_sender(
         self, session: UpstreamSession, message: Transaction, sent: Sent, record: Record
     ) -> Reply:
-        """The app's reply when the upstream took the message for some recipients and refused others:
-        the upstream's 250, saying how many were refused; the sender hears which in a DSN, sent through
-        the same upstream (docs/delivery.md, "Recipients the upstream refuses")."""
-        if not sent.refused:
+        """The app's reply to a message the upstream took, once the sender has the DSN it asked for: of
+        the recipients the upstream refused while it took the message for others (`failed`), and, when
+        the upstream does not offer DSN, of those whose NOTIFY asked SUCCESS (`relayed`). Sent through the
+        same upstream session, before the reply (docs/delivery.md, "Recipients the upstream refuses" and
+        "DSN parameters")."""
+        dsn_of = dict(zip(message.rcpt_tos, message.rcpt_dsn, strict=False))
+        entries = [
+            Entry(rcpt, Action.FAILED, reply, dsn_of.get(rcpt, NO_RCPT_DSN)) for rcpt, reply in sent.refused
+        ]
+        if not session.dsn:
+            refused = {rcpt for rcpt, _ in sent.refused}
+            entries += [
+                Entry(rcpt, Action.RELAYED, sent.reply, dsn_of.get(rcpt, NO_RCPT_DSN))
+                for rcpt in message.rcpt_tos
+                if rcpt not in refused
+            ]
+        wanted = requested(entries)
+        if not sent.refused and not wanted:
             return sent.reply
-        record.refused_at_data = list(sent.refused)
-        count = f"{len(sent.refused)} of {len(message.rcpt_tos)} recipients"
-        if not message.mail_from:
+        if sent.refused:
+            record.refused_at_data = list(sent.refused)
+        if not wanted:
+            result, told = DsnResult.NOT_REQUESTED, "no DSN: NOTIFY asked for none"
+        elif not message.mail_from:
             result, told = DsnResult.NO_SENDER, "no DSN: the sender is null"
         else:
             report = build_report(
                 reporting_mta=self.pool.local_hostname,
                 remote_mta=session.key.host,
                 sender=message.mail_from,
-                refused=sent.refused,
+                entries=wanted,
+                mail_dsn=message.dsn,
+                content=message.content,
                 original_headers=split_headers(message.content)[0],
             )
             try:
@@ -512,7 +568,14 @@ class RelayHandler:
                 result, told = DsnResult.REFUSED, f"DSN not sent: {error}"
         record.dsn = result.value
         self.delivery_metrics.dsn.labels(result=result.value).inc()
-        if result is not DsnResult.SENT:
+        if not sent.refused:
+            if result is not DsnResult.SENT:
+                log.warning(
+                    "message %s: the sender asked for a DSN on relay and cannot have it (%s)", record.id, told
+                )
+            return sent.reply
+        count = f"{len(sent.refused)} of {len(message.rcpt_tos)} recipients"
+        if result in (DsnResult.REFUSED, DsnResult.NO_SENDER):
             log.error(
                 "message %s: upstream %s refused %s (%s) and the sender cannot be told (%s); the relay "
                 "keeps no queue, so these recipients do not get the message",
@@ -522,5 +585,8 @@ class RelayHandler:
                 printable(" ".join(f"<{rcpt}> {reply.one_line()}" for rcpt, reply in sent.refused)),
                 told,
             )
-        note = "a DSN names them to the sender" if result is DsnResult.SENT else "no DSN could be sent"
+        note = {
+            DsnResult.SENT: "a DSN names them to the sender",
+            DsnResult.NOT_REQUESTED: "the sender asked for no DSN",
+        }.get(result, "no DSN could be sent")
         return sent.reply._replace(lines=(*sent.reply.lines, f"(upstream refused {count}; {note})"))

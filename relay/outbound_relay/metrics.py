@@ -167,6 +167,7 @@ class DsnResult(StrEnum):
     SENT = "sent"  # the upstream took the DSN for the sender
     REFUSED = "refused"  # the upstream refused the DSN, or the session failed before it was taken
     NO_SENDER = "no_sender"  # the message had the null sender: nobody to tell (RFC 5321 4.5.5)
+    NOT_REQUESTED = "not_requested"  # the refused recipients' NOTIFY asked for no DSN on failure (RFC 3461)
 
 
 class DeliveryMetrics:
@@ -175,8 +176,9 @@ class DeliveryMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.dsn = Counter(
             "outbound_relay_dsn",
-            "Messages the upstream took for some recipients and refused for others, when the route waited "
-            "for the content: by whether the sender got a DSN naming the refused recipients.",
+            "Messages for which the relay owed the sender a DSN of its own (recipients refused at DATA "
+            "while others got the message; NOTIFY=SUCCESS to an upstream without DSN): by whether the "
+            "sender got it.",
             ["result"],
             registry=registry,
         )

@@ -56,7 +56,7 @@ class Record:
     attempt: int = 1  # 2 when a pooled session had gone stale and the transaction ran on a new one
     size: int | None = None
     latency: float | None = None  # seconds from the end of the app's DATA to the reply
-    dsn: str | None = None  # for recipients refused at DATA: sent, refused, no_sender
+    dsn: str | None = None  # when the relay owed the sender a DSN: sent, refused, no_sender, not_requested
     # Each RCPT of the app, in order, with the reply it got; then those refused at DATA.
     recipients: list[tuple[str, Reply]] = field(default_factory=list)
     unrecorded: int = 0  # RCPTs past MAX_RECORDED: counted, not kept (one app must not grow a line forever)

@@ -4,6 +4,7 @@ and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -18,6 +19,7 @@ from prometheus_client import start_http_server
 
 from outbound_relay.config import ClientAuth, ConfigError, ListenConfig, fingerprint
 from outbound_relay.delivery import RelayHandler
+from outbound_relay.dsn_params import MAIL_LINE_EXTRA, RCPT_LINE_EXTRA, is_dsn_param
 from outbound_relay.generation import NO_OVERRIDES, Generation, Overrides
 from outbound_relay.health import with_health
 from outbound_relay.metrics import RelayMetrics
@@ -323,6 +325,21 @@ class _TrackedSMTP(SMTP):
     def __init__(self, *args: Any, close_on: set[SMTP], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._close_on = close_on
+        # aiosmtpd keeps these limits in one dict of its class, which every new session clears and every
+        # EHLO grows: each session gets its own, set afresh at each EHLO (smtp_EHLO).
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        # The DSN parameters (dsn_params.py) of the MAIL or RCPT being parsed: aiosmtpd upper-cases the
+        # parameters it hands on and refuses any it does not know, so they are lifted out by _getaddr,
+        # case kept, and handed to the handler after the others (_call_handler_hook).
+        self._dsn_words: list[str] = []
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)
+        if self.session is not None and self.session.extended_smtp:
+            self.command_size_limits["MAIL"] += MAIL_LINE_EXTRA  # as offered: DSN (RelayHandler.handle_EHLO)
+            self.command_size_limits["RCPT"] += RCPT_LINE_EXTRA
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._close_on.discard(self)
@@ -350,9 +367,23 @@ class _TrackedSMTP(SMTP):
         same result, tests/unit/test_server_addresses.py checks it against aiosmtpd's own)."""
         match = _SIMPLE_PATH.match(arg)
         if match is None or self.local_part_limit:
-            address: tuple[str | None, str | None] = super()._getaddr(arg)
-            return address
-        return match[1], match[2] or ""
+            address, params = super()._getaddr(arg)
+        else:
+            address, params = match[1], match[2] or ""
+        self._dsn_words = []
+        if params and "=" in params and self.session is not None and self.session.extended_smtp:
+            words = params.split()
+            self._dsn_words = [word for word in words if is_dsn_param(word)]
+            if self._dsn_words:
+                params = " ".join(word for word in words if not is_dsn_param(word))
+        return address, params
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command in ("MAIL", "RCPT") and self._dsn_words:
+            *head, options = args
+            args = (*head, [*options, *self._dsn_words])
+            self._dsn_words = []
+        return await super()._call_handler_hook(command, *args)
 
 
 class _NoAuthSMTP(_TrackedSMTP):

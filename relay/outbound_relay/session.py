@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, cast
 
@@ -38,6 +38,7 @@ from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.email import quote_address
 
 from outbound_relay.config import AuthType, TlsMode, TlsSettings
+from outbound_relay.dsn_params import NO_MAIL_DSN, NO_RCPT_DSN, MailDsn, RcptDsn
 from outbound_relay.errors import RouteMisconfigured, UpstreamAuthFailed, UpstreamUnavailable
 from outbound_relay.message import address_defect
 from outbound_relay.metrics import AuthResult, RelayMetrics
@@ -104,6 +105,11 @@ class Transaction:
     rcpt_tos: tuple[str, ...]
     content: bytes
     smtp_utf8: bool = False  # the client said SMTPUTF8 on MAIL (RFC 6531)
+    dsn: MailDsn = NO_MAIL_DSN  # RET and ENVID of the client's MAIL (RFC 3461)
+    rcpt_dsn: tuple[RcptDsn, ...] = ()  # NOTIFY and ORCPT of each of rcpt_tos; empty when none was given
+
+    def dsn_of(self, index: int) -> RcptDsn:
+        return self.rcpt_dsn[index] if self.rcpt_dsn else NO_RCPT_DSN
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +246,7 @@ class UpstreamSession:
         self.eight_bit_mime = False  # the server offers 8BITMIME
         self.smtputf8 = False  # the server offers SMTPUTF8 (RFC 6531)
         self.chunking = False  # the server offers CHUNKING: BDAT (RFC 3030)
+        self.dsn = False  # the server offers DSN (RFC 3461): the client's DSN parameters go to it
         self._smtp = smtp
         self._transport: asyncio.WriteTransport | None = None
         self._reader: ReplyReader | None = None
@@ -402,6 +409,7 @@ class UpstreamSession:
         self.eight_bit_mime = smtp.supports_extension("8bitmime")
         self.smtputf8 = smtp.supports_extension("smtputf8")
         self.chunking = smtp.supports_extension("chunking")
+        self.dsn = smtp.supports_extension("dsn")
         size = smtp.esmtp_extensions.get("size", "")
         self.size_limit = int(size) if size.isdigit() else 0
         assert smtp.transport is not None, "connected"
@@ -454,10 +462,13 @@ class UpstreamSession:
         params = (b" BODY=8BITMIME" if self.eight_bit_mime else b"") + (
             b" SMTPUTF8" if message.smtp_utf8 and self.smtputf8 else b""
         )
+        if self.dsn:
+            params += message.dsn.params()
         return b"MAIL FROM:" + _path(message.mail_from, message.smtp_utf8) + params + b"\r\n"
 
-    def _rcpt_command(self, rcpt: str, message: Transaction) -> bytes:
-        return b"RCPT TO:" + _path(rcpt, message.smtp_utf8) + b"\r\n"
+    def _rcpt_command(self, rcpt: str, dsn: RcptDsn, smtp_utf8: bool) -> bytes:
+        params = dsn.params() if self.dsn else b""
+        return b"RCPT TO:" + _path(rcpt, smtp_utf8) + params + b"\r\n"
 
     # -- the transaction -----------------------------------------------------------------------------
 
@@ -479,15 +490,44 @@ class UpstreamSession:
     async def send(self, message: Transaction) -> Sent:
         """MAIL, RCPT, DATA: the upstream's reply to the message, or the refusal to pass on. With
         PIPELINING the commands, DATA included, go out in one write and their replies are read after it
-        (RFC 2920). Recipients the upstream refuses while it accepts others are left out and named in
-        the result: the others get the message (docs/delivery.md, "Recipients the upstream refuses").
+        (RFC 2920). Recipients the upstream refuses for good while it accepts others are left out and
+        named in the result: the others get the message (docs/delivery.md, "Recipients the upstream
+        refuses"). A recipient refused for now defers the whole message, before anything is sent.
+        Recipients over the upstream's own cap (`452 4.5.3`) go in further transactions, at once, as
+        RFC 5321 4.5.3.1.10 asks of a client.
 
         Raises StaleSession when a reused session fails before anything reached the upstream, and
         UpstreamUnavailable when the connection fails otherwise."""
+        sent = await self._send_once(message)
+        while sent.reply.is_positive and (over := [rcpt for rcpt, reply in sent.refused if _over_cap(reply)]):
+            rest = [index for index, rcpt in enumerate(message.rcpt_tos) if rcpt in over]
+            follow_up = replace(
+                message,
+                rcpt_tos=tuple(message.rcpt_tos[index] for index in rest),
+                rcpt_dsn=tuple(message.dsn_of(index) for index in rest),
+            )
+            refused = [(rcpt, reply) for rcpt, reply in sent.refused if not _over_cap(reply)]
+            try:
+                more = await self._send_once(follow_up)
+            except (StaleSession, UpstreamUnavailable) as error:
+                # The first recipients have the message: sending it all again would duplicate it.
+                lost = Reply.of(451, "4.4.1", f"upstream {self.key} failed before these were sent: {error}")
+                return Sent(sent.reply, (*refused, *((rcpt, lost) for rcpt in follow_up.rcpt_tos)))
+            if not more.reply.is_positive:
+                return Sent(sent.reply, (*refused, *((rcpt, more.reply) for rcpt in follow_up.rcpt_tos)))
+            if len(more.refused) == len(follow_up.rcpt_tos):  # no progress: the cap is 0 now
+                return Sent(sent.reply, (*refused, *more.refused))
+            sent = Sent(sent.reply, (*refused, *more.refused))
+        return sent
+
+    async def _send_once(self, message: Transaction) -> Sent:
         if (refusal := self._cannot_carry(message)) is not None:
             return Sent(refusal)
         mail = self._mail_command(message)
-        rcpts = [self._rcpt_command(rcpt, message) for rcpt in message.rcpt_tos]
+        rcpts = [
+            self._rcpt_command(rcpt, message.dsn_of(index), message.smtp_utf8)
+            for index, rcpt in enumerate(message.rcpt_tos)
+        ]
         try:
             if self.pipelining:
                 self._write(b"".join([mail, *rcpts, b"DATA\r\n"]))
@@ -522,6 +562,18 @@ class UpstreamSession:
                 if reply.code not in _RCPT_ACCEPTED:
                     refused.append((rcpt, reply))
         data_reply = await self._read() if self.pipelining else None
+        deferred = [(rcpt, reply) for rcpt, reply in refused if reply.is_transient and not _over_cap(reply)]
+        if mail_accepted and deferred and len(refused) < len(rcpts):
+            # Some recipients refused for now: no message for the others either, so that the app's retry
+            # of the whole message gives nobody a second copy (and a temporary refusal stays temporary).
+            if data_reply is not None and data_reply.code == SMTPStatus.start_input:
+                # DATA was taken (pipelined): only closing the connection ends it undelivered (RFC 5321
+                # 3.3: a transaction without its end mark is not delivered).
+                self.broken = True
+                self._smtp.close()
+            else:
+                await self._reset()
+            return Sent(_deferral(deferred, len(rcpts)))
         if not mail_accepted or len(refused) == len(rcpts):
             if data_reply is not None and data_reply.code == SMTPStatus.start_input:
                 # RFC 2920 3.1: DATA was taken with no valid recipient; an empty message ends it.
@@ -560,7 +612,8 @@ class UpstreamSession:
         if (refusal := self._cannot_carry(message)) is not None:
             return refusal, False
         [rcpt] = message.rcpt_tos
-        mail, rcpt_line = self._mail_command(message), self._rcpt_command(rcpt, message)
+        mail = self._mail_command(message)
+        rcpt_line = self._rcpt_command(rcpt, message.dsn_of(0), message.smtp_utf8)
         try:
             self._write(mail + rcpt_line if self.pipelining else mail)
             mail_reply = await self._read()
@@ -583,12 +636,12 @@ class UpstreamSession:
         except OSError as error:
             raise self._lost(error) from None
 
-    async def add_recipient(self, rcpt: str, message: Transaction) -> Reply:
+    async def add_recipient(self, rcpt: str, dsn: RcptDsn, message: Transaction) -> Reply:
         """One more RCPT TO in a begun transaction: the upstream's reply to it."""
         if (refusal := self._cannot_carry(Transaction("", (rcpt,), b"", message.smtp_utf8))) is not None:
             return refusal
         try:
-            self._write(self._rcpt_command(rcpt, message))
+            self._write(self._rcpt_command(rcpt, dsn, message.smtp_utf8))
             return await self._read()
         except _Closing as closing:
             return closing.reply
@@ -730,6 +783,27 @@ def _refusal(refused: list[tuple[str, Reply]], total: int) -> Reply:
     names = ", ".join(rcpt for rcpt, _ in refused)
     return first._replace(
         lines=(*first.lines, f"(upstream refused all {total} recipients: {names}; nothing was delivered)")
+    )
+
+
+def _over_cap(reply: Reply) -> bool:
+    """A RCPT refused because the transaction has as many recipients as the upstream takes in one: RFC
+    5321 4.5.3.1.10's `452` (RFC 3463 `4.5.3`), which the client answers with another transaction."""
+    return reply.code == 452 and (
+        reply.status == "4.5.3" or (reply.status is None and "recipients" in reply.text)
+    )
+
+
+def _deferral(deferred: list[tuple[str, Reply]], total: int) -> Reply:
+    """The reply to a message not sent because the upstream refused some of its recipients for now."""
+    _, first = deferred[0]
+    names = ", ".join(rcpt for rcpt, _ in deferred)
+    return first._replace(
+        lines=(
+            *first.lines,
+            f"(upstream deferred {len(deferred)} of {total} recipients: {names}; nothing was sent, "
+            "send the message again)",
+        )
     )
 
 

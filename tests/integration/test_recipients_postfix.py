@@ -17,7 +17,7 @@ import pytest
 from tests.peers import PostfixSubmission, TLSFiles
 from tests.peers.common import require_binaries
 from tests.peers.postfix import POSTFIX_BINARIES
-from tests.support.relay import message, running_relay, submit, write_config
+from tests.support.relay import message, raw_session, running_relay, submit, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -74,12 +74,10 @@ async def test_content_dependent_delivers_to_the_accepted_and_sends_the_sender_a
     )
     ok, sender = _accepted(), f"app-{uuid.uuid4().hex[:8]}@sender.test"
     async with running_relay(config) as relay:
-        outcome = await submit(
-            relay.port, [ok, GONE, BUSY], message(subject="content-dependent"), mail_from=sender
-        )
+        outcome = await submit(relay.port, [ok, GONE], message(subject="content-dependent"), mail_from=sender)
         metrics = relay.metrics.render().decode()
-    assert [code for code, _ in outcome.rcpt_replies.values()] == [250, 250, 250], outcome
-    assert outcome.code == 250 and "refused 2 of 3 recipients" in outcome.reply[1], outcome
+    assert [code for code, _ in outcome.rcpt_replies.values()] == [250, 250], outcome
+    assert outcome.code == 250 and "refused 1 of 2 recipients" in outcome.reply[1], outcome
     [arrived] = refusing_postfix.sink.wait_for(1, rcpt=ok, timeout=30)
     assert arrived.rcpt_tos == (ok,)
     [dsn] = refusing_postfix.sink.wait_for(1, rcpt=sender, timeout=30)
@@ -88,8 +86,52 @@ async def test_content_dependent_delivers_to_the_accepted_and_sends_the_sender_a
     assert report.get_content_type() == "multipart/report", dsn.content[:500]
     text = dsn.content.decode("ascii", "replace")
     assert f"Final-Recipient: rfc822;{GONE}" in text and "Status: 5.1.1" in text
-    assert f"Final-Recipient: rfc822;{BUSY}" in text and "Status: 4.2.2" in text
     assert "Subject: content-dependent" in text
     assert 'outbound_relay_dsn_total{result="sent"} 1.0' in metrics
-    # Nobody got it twice: the refused recipients got nothing, the accepted one one copy.
-    assert refusing_postfix.sink.messages_to(GONE) == refusing_postfix.sink.messages_to(BUSY) == []
+    # Nobody got it twice: the refused recipient got nothing, the accepted one one copy.
+    assert refusing_postfix.sink.messages_to(GONE) == []
+
+
+async def test_content_dependent_a_recipient_postfix_defers_holds_back_the_message(
+    refusing_postfix: PostfixSubmission, ca: TLSFiles, tmp_path: Path
+) -> None:
+    """Postfix's 450 stays a 4xx for the app, and nobody gets the message (the retry gives no copy twice)."""
+    config = write_config(
+        tmp_path / "relay.yaml", {"policies": _policies(refusing_postfix, ca, content_dependent=True)}
+    )
+    ok, later = _accepted(), _accepted()
+    async with running_relay(config) as relay:
+        deferred = await submit(relay.port, [ok, GONE, BUSY], message(subject="deferred"))
+        outcome = await submit(relay.port, [later], message(subject="after"))
+    assert deferred.reply is not None and deferred.reply[0] == 450, deferred
+    assert "4.2.2" in deferred.reply[1] and "nothing was sent" in deferred.reply[1], deferred
+    assert outcome.code == 250, outcome  # the session the relay closed mid-DATA was not reused
+    refusing_postfix.sink.wait_for(1, rcpt=later, timeout=30)
+    assert refusing_postfix.sink.messages_to(ok) == []
+
+
+async def test_dsn_parameters_reach_postfix_which_reports_as_they_ask(
+    refusing_postfix: PostfixSubmission, ca: TLSFiles, tmp_path: Path
+) -> None:
+    """Postfix offers DSN, so the relay passes RET, ENVID, NOTIFY and ORCPT on unchanged. Postfix's next
+    hop (the sink) does not offer it, so Postfix itself sends the `relayed` DSN that NOTIFY=SUCCESS asks
+    for, carrying the ENVID and ORCPT it got from the relay."""
+    config = write_config(
+        tmp_path / "relay.yaml", {"policies": _policies(refusing_postfix, ca, content_dependent=False)}
+    )
+    ok, sender, envid = _accepted(), f"app-{uuid.uuid4().hex[:8]}@sender.test", f"Env{uuid.uuid4().hex[:8]}"
+    commands = (
+        f"EHLO app\r\nMAIL FROM:<{sender}> RET=HDRS ENVID={envid}\r\n"
+        f"RCPT TO:<{ok}> NOTIFY=SUCCESS ORCPT=rfc822;first+2Bcontact@refusing.test\r\n"
+        "DATA\r\nSubject: dsn passthrough\r\n\r\nbody\r\n.\r\n"
+    ).encode()
+    async with running_relay(config) as relay:
+        replies = await raw_session(relay.port, commands)
+    assert b"250-DSN" in replies and replies[-2].startswith(b"250 "), replies
+    [arrived] = refusing_postfix.sink.wait_for(1, rcpt=ok, timeout=30)
+    assert b"Subject: dsn passthrough" in arrived.content
+    [report] = refusing_postfix.sink.wait_for(1, rcpt=sender, timeout=30)
+    text = report.content.decode("ascii", "replace")
+    assert f"Original-Envelope-Id: {envid}" in text, text
+    assert "Original-Recipient: rfc822;first+contact@refusing.test" in text, text
+    assert f"Final-Recipient: rfc822; {ok}" in text and "Action: relayed" in text, text  # Postfix's spacing

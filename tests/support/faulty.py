@@ -25,6 +25,7 @@ class Faults:
     refuse_rcpts: dict[str, bytes] = field(default_factory=dict)  # address -> reply line
     size: int = 100_000_000  # advertised as SIZE (RFC 1870)
     chunking: bool = False  # advertise CHUNKING and take BDAT (RFC 3030)
+    dsn: bool = False  # advertise DSN (RFC 3461); its parameters are only recorded, in `commands`
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,16 @@ class FaultyUpstream:
                     ehlo.append(b"250-STARTTLS")
                 if faults.chunking:
                     ehlo.append(b"250-CHUNKING")
+                if faults.dsn:
+                    ehlo.append(b"250-DSN")
                 await self._reply(writer, "EHLO", [*ehlo, b"250 SMTPUTF8"])
             elif verb == "STAR":
                 await self._reply(writer, "STARTTLS", [b"454 4.7.0 TLS not available due to local problem"])
             elif verb == "MAIL":
-                mail_from, rcpts = arg.partition(b":")[2], []
+                mail_from, rcpts = arg.partition(b":")[2].split(b" ")[0], []
                 await self._reply(writer, "MAIL", [b"250 2.1.0 Ok"])
             elif verb == "RCPT":
-                address = arg.partition(b":")[2].strip(b"<>")
+                address = arg.partition(b":")[2].split(b" ")[0].strip(b"<>")
                 if (forced := faults.refuse_rcpts.get(address.decode("utf-8", "replace"))) is not None:
                     await self._reply(writer, "RCPT", [forced])
                 elif faults.max_rcpts is not None and len(rcpts) >= faults.max_rcpts:

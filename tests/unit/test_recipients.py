@@ -122,11 +122,11 @@ async def test_content_dependent_mixed_refusals_deliver_to_the_accepted_and_boun
     async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
         write_config(config_path, {"policies": _content_dependent(up.port)})
         async with running_relay(config_path) as relay:
-            outcome = await submit(relay.port, [OK, PERM, TEMP], message(subject="mixed"))
+            outcome = await submit(relay.port, [OK, PERM], message(subject="mixed"))
             metrics = relay.metrics.render().decode()
-    assert [code for code, _ in outcome.rcpt_replies.values()] == [250, 250, 250]
+    assert [code for code, _ in outcome.rcpt_replies.values()] == [250, 250]
     assert outcome.code == 250, outcome
-    assert "refused 2 of 3 recipients" in outcome.reply[1], outcome
+    assert "refused 1 of 2 recipients" in outcome.reply[1], outcome
     delivered = [m for m in up.messages if not m.mail_from.startswith(b"<>")]
     assert [m.rcpt_tos for m in delivered] == [(OK.encode(),)]
     [dsn] = _dsns(up)
@@ -141,10 +141,46 @@ async def test_content_dependent_mixed_refusals_deliver_to_the_accepted_and_boun
     assert status.get_content_type() == "message/delivery-status"
     text = dsn.data.decode()
     assert f"Final-Recipient: rfc822;{PERM}" in text and "Status: 5.1.1" in text
-    assert f"Final-Recipient: rfc822;{TEMP}" in text and "Status: 4.2.2" in text
+    assert "Action: failed" in text
     assert OK not in text.split("Content-Type: message/delivery-status")[1].split("\r\n--")[0]
     assert "Subject: mixed" in text  # the refused message's header, to tell the sender which one
+    assert "the body" not in text  # no RET=FULL: the header only
     assert 'outbound_relay_dsn_total{result="sent"} 1.0' in metrics
+
+
+async def test_content_dependent_a_recipient_refused_for_now_defers_the_whole_message(
+    config_path: Path,
+) -> None:
+    """A 4xx stays a 4xx: nobody gets the message, and the app's retry of it gives nobody a second copy.
+    DATA went out pipelined with the RCPTs, so the relay ends it by closing that connection."""
+    async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            deferred = await submit(relay.port, [OK, PERM, TEMP], message(subject="deferred"))
+            again = await submit(relay.port, [OK, PERM], message(subject="again"))
+            metrics = relay.metrics.render().decode()
+    assert deferred.reply is not None and deferred.reply[0] == 451, deferred
+    assert deferred.reply[1].startswith("4.2.2 Mailbox busy"), deferred
+    assert "deferred 1 of 3 recipients" in deferred.reply[1] and "nothing was sent" in deferred.reply[1]
+    assert b"DATA" in _verbs(up)  # it was pipelined, and taken with a 354 ...
+    assert all(b"deferred" not in m.data for m in up.messages)  # ... and never completed
+    assert [m.rcpt_tos for m in up.messages if not m.mail_from.startswith(b"<>")] == [(OK.encode(),)]
+    assert again.code == 250 and up.connections == 2, (again, up.connections)
+    assert 'outbound_relay_messages_total{result="deferred"} 1.0' in metrics
+
+
+async def test_content_dependent_recipients_over_the_upstreams_cap_go_in_further_transactions(
+    config_path: Path,
+) -> None:
+    rcpts = [f"r{n}@example.net" for n in range(5)]
+    async with FaultyUpstream(Faults(max_rcpts=2)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, rcpts, message(subject="capped"))
+    assert outcome.code == 250 and "refused" not in outcome.reply[1], outcome
+    assert [len(m.rcpt_tos) for m in up.messages] == [2, 2, 1]
+    assert sorted(r for m in up.messages for r in m.rcpt_tos) == [r.encode() for r in rcpts]
+    assert _dsns(up) == []
 
 
 async def test_content_dependent_all_refused_is_one_reply_and_no_dsn(config_path: Path) -> None:

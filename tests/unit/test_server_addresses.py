@@ -45,8 +45,11 @@ ARGUMENTS = [
 
 
 def parsers() -> tuple[_TrackedSMTP, SMTP]:
-    # _getaddr reads nothing but local_part_limit; no session or loop is needed to call it.
-    return object.__new__(_TrackedSMTP), object.__new__(SMTP)
+    # _getaddr reads nothing but local_part_limit and the session (None: before EHLO, so no DSN
+    # parameters are lifted out); no loop is needed to call it.
+    tracked = object.__new__(_TrackedSMTP)
+    tracked.session = None
+    return tracked, object.__new__(SMTP)
 
 
 def outcome(parser: SMTP, arg: str) -> object:
