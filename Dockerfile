@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# One image, two commands:
+# One image, three commands:
 #   outbound-operator ...   the kopf operator and the sidecar-injection webhook (the chart's Deployment)
+#   outbound-hook-checker   checks Lua hooks for the operator, in a container of its Pod without a token
 #   outbound-relay serve    the SMTP relay sidecar (injected into opted-in Pods)
 # Build from the repository root:  docker build -t ghcr.io/outbound-relay/outbound-relay:0.1.0 .
 # It runs as UID/GID 65532 on a read-only root filesystem; nothing is written at run time.
@@ -24,7 +25,8 @@ RUN /opt/outbound-relay/bin/pip install --no-deps . \
  # Bytecode now: at run time the root filesystem is read-only.
  && /opt/outbound-relay/bin/python -m compileall -q -j 0 /opt/outbound-relay \
  && /opt/outbound-relay/bin/outbound-relay --help >/dev/null \
- && /opt/outbound-relay/bin/outbound-operator --help >/dev/null
+ && /opt/outbound-relay/bin/outbound-operator --help >/dev/null \
+ && /opt/outbound-relay/bin/outbound-hook-checker --help >/dev/null
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="outbound-relay" \
@@ -44,5 +46,6 @@ ENV PATH=/opt/outbound-relay/bin:$PATH \
 USER 65532:65532
 # 2525: SMTP on loopback (the app's side); 9425: relay /metrics; 9426: operator /metrics; 9443: webhook.
 EXPOSE 9425 9426 9443
-# No ENTRYPOINT: the chart names the command (outbound-operator, or outbound-relay for the sidecar).
+# No ENTRYPOINT: the chart names the command (outbound-operator, outbound-hook-checker, or outbound-relay
+# for the sidecar).
 CMD ["outbound-relay", "--help"]

@@ -121,7 +121,9 @@ def update_values_schema(current: dict[str, Any]) -> dict[str, Any]:
             node[last] = resources_schema(InjectionSettings.model_fields["resources"].description)
         else:
             node[last] = _setting(key, settings[key], definitions)
-    result["properties"]["operator"]["properties"]["resources"] = resources_schema(
-        "Requests and limits of the operator's container."
+    operator = result["properties"]["operator"]["properties"]
+    operator["resources"] = resources_schema("Requests and limits of the operator's container.")
+    operator["hookChecker"]["properties"]["resources"] = resources_schema(
+        "Requests and limits of the hook checker's container."
     )
     return result

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import kopf
 
@@ -90,6 +91,13 @@ def _add_rendering_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="re-read every referenced Secret this often, in case a watch event was missed; 0 never "
         f"({defaults.secret_resync_seconds:g})",
+    )
+    group.add_argument(
+        "--hook-checker-socket",
+        type=Path,
+        metavar="PATH",
+        help="check Lua hooks in the outbound-hook-checker listening on this Unix socket (a container "
+        "without the operator's credentials, docs/security.md); unset: in a child process of the operator",
     )
 
 
@@ -186,7 +194,11 @@ async def run(args: argparse.Namespace) -> None:
     controller = Controller(
         kube,
         metrics,
-        ControllerSettings(debounce_seconds=args.debounce, secret_resync_seconds=args.secret_resync),
+        ControllerSettings(
+            debounce_seconds=args.debounce,
+            secret_resync_seconds=args.secret_resync,
+            hook_checker_socket=args.hook_checker_socket,
+        ),
     )
     elector: LeaderElector | None = None
     if lease is not None:

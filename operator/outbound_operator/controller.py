@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -78,6 +79,10 @@ class ControllerSettings:
     """Re-read every referenced Secret this often (0: never). The watch is not enough on its own: after a
     410 Gone relist, kopf sends no DELETED for a Secret that vanished meanwhile, so without this a deleted
     password could stay rendered for as long as the operator runs."""
+
+    hook_checker_socket: Path | None = None
+    """Where the hook checker listens (hook_check_service.py); None: Lua hooks are checked in a child
+    process of the operator."""
 
 
 DEFAULT_HOOK_TIMEOUT_MS = Hooks().timeout_ms
@@ -231,7 +236,7 @@ class Controller:
         self._closed = False
         self._resync: asyncio.Task[None] | None = None
         self._serves: Callable[[str], bool] = lambda _namespace: True
-        self.hooks = HookChecker()
+        self.hooks = HookChecker(self.settings.hook_checker_socket)
         self._settings_crd_missing_logged = False
         self._may_write: Callable[[], bool] = lambda: True
 

@@ -4,9 +4,10 @@ loads in the relay, and one that fails never reaches a sidecar.
 The loader is the relay's Lua worker process (outbound_relay.lua_worker.check_scripts): the same Lua 5.4
 runtime (lupa), sandbox and limits, each file compiled and its top level run (so a file that registers
 no `outbound_smtp_auth_config` fails too), in a process of its own under a CPU-time limit, so a hook's top
-level stuck in a C call cannot hold the operator. About 0.12 s of CPU (0.3 s of wall time on a loaded
-machine) per check of Momentum's example hook; outcomes are kept by content, so a resync or an unrelated
-change checks nothing again.
+level stuck in a C call cannot hold the operator. With `--hook-checker-socket` (the chart's default) that
+process runs in the hook checker's container, which holds no credentials (hook_check_service.py). About
+0.12 s of CPU (0.3 s of wall time on a loaded machine) per check of Momentum's example hook; outcomes are
+kept by content, so a resync or an unrelated change checks nothing again.
 """
 
 from __future__ import annotations
@@ -15,23 +16,23 @@ import asyncio
 import hashlib
 import re
 from collections import OrderedDict
+from pathlib import Path
 
+from outbound_operator.hook_check_service import MAX_HOOK_BYTES, check_remote
 from outbound_operator.relay_settings import HookFile, describe_ref
 from outbound_operator.render import ConditionType, Problem
 from outbound_relay.hook_state import LuaScript
 from outbound_relay.lua_worker import WorkerStartError, check_scripts
 
 CACHE_SIZE = 64
-# Hook sources go into the rendered Secret, which the API server caps at 1 MiB: more is refused before any
-# check, so a ConfigMap author cannot make the operator compile megabytes of Lua at each change.
-MAX_HOOK_BYTES = 512 * 1024
 _FILE_ERROR = re.compile(r"^hooks\.lua\[(?P<index>\d+)\] '[^']*': (?P<text>.*)$", re.DOTALL)
 
 
 class HookChecker:
     """Checks sets of Lua hook files, one check at a time, and remembers the last CACHE_SIZE outcomes."""
 
-    def __init__(self) -> None:
+    def __init__(self, socket: Path | None = None) -> None:
+        self.socket = socket  # the hook checker's (hook_check_service.py); None: check in a child process
         self._outcomes: OrderedDict[str, Problem | None] = OrderedDict()
         self._lock = asyncio.Lock()
 
@@ -62,7 +63,10 @@ class HookChecker:
                 return self._outcomes[key]
             scripts = tuple(LuaScript(name=hook.script_name, source=hook.source) for hook in hooks)
             try:
-                await asyncio.to_thread(check_scripts, scripts, timeout_ms)
+                if self.socket is None:
+                    await asyncio.to_thread(check_scripts, scripts, timeout_ms)
+                else:
+                    await check_remote(self.socket, scripts, timeout_ms)
             except WorkerStartError as error:
                 if not error.in_files:  # the operator's trouble, not the hook's: not remembered
                     return Problem(

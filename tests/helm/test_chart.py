@@ -263,8 +263,8 @@ def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_pat
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
     assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
-    (container,) = pod["containers"]
-    assert container["securityContext"] == RESTRICTED_CONTAINER
+    container, checker = pod["containers"]
+    assert container["securityContext"] == checker["securityContext"] == RESTRICTED_CONTAINER
     (hook_pod,) = find(objects(template(control_plane, tmp_path, show_only=TEST_HOOK)), "Pod")
     assert hook_pod["spec"]["securityContext"] == pod["securityContext"]
     assert hook_pod["spec"]["containers"][0]["securityContext"] == RESTRICTED_CONTAINER
@@ -275,6 +275,35 @@ def test_operator_deployment_is_locked_down(control_plane: ControlPlane, tmp_pat
     assert {"startupProbe", "livenessProbe", "readinessProbe"} <= container.keys()
     assert container["resources"]["requests"] and container["resources"]["limits"]
     assert "--all-namespaces" in container["args"]
+
+
+def test_the_hook_checker_holds_no_token(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """Lua from ConfigMaps runs in the hook-checker container, which gets no ServiceAccount token: the Pod
+    mounts none by itself, and the operator container mounts its own (docs/security.md, "Lua hooks")."""
+    (deployment,) = find(objects(template(control_plane, tmp_path)), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    operator, checker = pod["containers"]
+    assert (operator["name"], checker["name"]) == ("operator", "hook-checker")
+    token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert {"name": "kube-api-access", "mountPath": token_dir, "readOnly": True} in operator["volumeMounts"]
+    assert [m["name"] for m in checker["volumeMounts"]] == ["hook-checker"]
+    assert "envFrom" not in checker and "env" not in checker
+    (api_access,) = [v for v in pod["volumes"] if v["name"] == "kube-api-access"]
+    assert {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}} in api_access["projected"][
+        "sources"
+    ]
+    socket = "/run/hook-checker/check.sock"
+    assert f"--hook-checker-socket={socket}" in operator["args"]
+    assert checker["command"] == ["outbound-hook-checker"] and checker["args"] == [f"--socket={socket}"]
+    assert checker["image"] == operator["image"]
+
+    in_process = {"operator": {"hookChecker": {"isolated": False}}}
+    (deployment,) = find(objects(template(control_plane, tmp_path, in_process)), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (operator,) = pod["containers"]
+    assert "automountServiceAccountToken" not in pod
+    assert not [a for a in operator["args"] if a.startswith("--hook-checker-socket")]
 
 
 def test_operator_runs_highly_available(control_plane: ControlPlane, tmp_path: Path) -> None:
@@ -289,7 +318,7 @@ def test_operator_runs_highly_available(control_plane: ControlPlane, tmp_path: P
         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
     }
     pod = spec["template"]["spec"]
-    (container,) = pod["containers"]
+    container = pod["containers"][0]
     fullname = deployment["metadata"]["name"]
     assert {"--leader-elect", f"--lease-name={fullname}", "--lease-duration=15"} <= set(container["args"])
     assert f"--webhook-cert-secret={fullname}-webhook-tls" in container["args"]

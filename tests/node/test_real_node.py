@@ -38,7 +38,7 @@ from tests.helm.chart import read_json
 from tests.node.node import container_log, in_netns, pod_netns, volume_file
 from tests.peers import DovecotSubmission, shared_workdir
 from tests.peers.certs import make_tls_files
-from tests.support.seed import SEED_CONF, SEED_USER
+from tests.support.seed import SEED_CONF, SEED_LUA, SEED_USER
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
@@ -382,6 +382,56 @@ def test_rotated_password_reaches_the_pod_through_the_kubelet(installed: Install
     setup.timings["rotation: Secret patched -> message sent with the new password"] = (
         time.monotonic() - started
     )
+
+
+BROKEN_LUA = "local mod = {}\nfunction mod:outbound_smtp_auth_config(msg\nend\n"
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def test_lua_hooks_are_checked_in_a_container_without_the_token(installed: Installed) -> None:
+    """The operator asks its hook-checker container to load an OutboundRelaySettings' hooks: that container
+    runs on the node with no ServiceAccount token (it would refuse to start with one), and its verdicts
+    reach the settings' status."""
+    setup = installed
+    namespace = f"hooks-{os.urandom(3).hex()}"
+    setup.kubectl("create", "namespace", namespace)
+    setup.kubectl("label", "namespace", namespace, "outboundrelay.io/inject=enabled")
+    hooks = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "relay-hooks", "namespace": namespace},
+    }
+    settings = {
+        "apiVersion": "outboundrelay.io/v1alpha1",
+        "kind": "OutboundRelaySettings",
+        "metadata": {"name": "default", "namespace": namespace},
+        "spec": {"hooks": {"lua": [{"configMapRef": {"name": "relay-hooks", "key": "auth.lua"}}]}},
+    }
+    setup.kubectl("apply", "-f", "-", input=json.dumps({**hooks, "data": {"auth.lua": BROKEN_LUA}}))
+    setup.kubectl("apply", "-f", "-", input=json.dumps(settings))
+    ors = ("outboundrelaysettings/default", "-n", namespace)
+    setup.kubectl("wait", *ors, "--for=condition=Invalid", "--timeout=90s")
+    message = setup.kubectl("get", *ors, "-o", "jsonpath={.status.conditions[?(@.type=='Invalid')].message}")
+    assert "Lua syntax error: relay-hooks/auth.lua" in message, message
+    setup.kubectl("apply", "-f", "-", input=json.dumps({**hooks, "data": {"auth.lua": SEED_LUA}}))
+    setup.kubectl("wait", *ors, "--for=condition=Ready", "--timeout=90s")
+
+    pods = json.loads(
+        setup.kubectl(
+            "get", "pods", "-n", setup.system, "-l", "app.kubernetes.io/component=operator", "-o", "json"
+        )
+    )["items"]
+    checked = ""
+    for pod in pods:
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        containers = {c["name"]: c for c in pod["spec"]["containers"]}
+        assert TOKEN_DIR not in [m["mountPath"] for m in containers["hook-checker"]["volumeMounts"]]
+        assert TOKEN_DIR in [m["mountPath"] for m in containers["operator"]["volumeMounts"]]
+        assert all(status["ready"] for status in pod["status"]["containerStatuses"]), pod["status"]
+        checked += container_log(setup.cluster, setup.system, pod["metadata"]["name"], "hook-checker")
+    # The checks ran there: a refusal, then a hook that loads.
+    assert "hooks ['relay-hooks/auth.lua'] refused: hooks.lua[0]" in checked, checked
+    assert "hooks ['relay-hooks/auth.lua'] load" in checked, checked
 
 
 def test_pods_created_while_the_operator_is_down(installed: Installed, app_pod: AppPod) -> None:

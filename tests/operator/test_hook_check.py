@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from outbound_operator.crd_models import ConfigMapKeyRef
-from outbound_operator.hook_check import MAX_HOOK_BYTES, HookChecker
+from outbound_operator.hook_check import HookChecker
+from outbound_operator.hook_check_service import MAX_HOOK_BYTES
 from outbound_operator.relay_settings import HookFile
 
 BROKEN = "function outbound_smtp_auth_config(msg\n"
