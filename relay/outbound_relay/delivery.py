@@ -551,21 +551,27 @@ class RelayHandler:
         elif not message.mail_from:
             result, told = DsnResult.NO_SENDER, "no DSN: the sender is null"
         else:
-            report = build_report(
-                reporting_mta=self.pool.local_hostname,
-                remote_mta=session.key.host,
-                sender=message.mail_from,
-                entries=wanted,
-                mail_dsn=message.dsn,
-                content=message.content,
-                original_headers=split_headers(message.content)[0],
-            )
+            # The upstream took the message: nothing here may turn that into a failure for the app, which
+            # would then send it again.
             try:
+                report = build_report(
+                    reporting_mta=self.pool.local_hostname,
+                    remote_mta=session.key.host,
+                    sender=message.mail_from,
+                    entries=wanted,
+                    mail_dsn=message.dsn,
+                    content=message.content,
+                    original_headers=split_headers(message.content)[0],
+                )
                 bounce = await session.send(Transaction("", (message.mail_from,), report, message.smtp_utf8))
                 result = DsnResult.SENT if bounce.reply.is_positive else DsnResult.REFUSED
                 told = f"DSN {'sent' if result is DsnResult.SENT else 'refused'}: {bounce.reply.one_line()}"
             except (RelayError, StaleSession) as error:
                 result, told = DsnResult.REFUSED, f"DSN not sent: {error}"
+            except Exception:
+                log.exception("message %s: the DSN failed unexpectedly", record.id)
+                session.broken = True  # its state is unknown
+                result, told = DsnResult.REFUSED, "DSN not sent: internal error"
         record.dsn = result.value
         self.delivery_metrics.dsn.labels(result=result.value).inc()
         if not sent.refused:
