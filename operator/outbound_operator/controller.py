@@ -26,7 +26,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from outbound_operator.crd_models import SettingsSpec
-from outbound_operator.hook_check import HookChecker
+from outbound_operator.hook_check import HOOK_CHECK_FAILED, HookChecker
 from outbound_operator.kubeapi import ConflictError, KubeApi, RenderedSecret, decode_secret_data, now_rfc3339
 from outbound_operator.metrics import OperatorMetrics, ReconcileResult
 from outbound_operator.relay_settings import SettingsSource, collect_hooks, render_settings
@@ -199,6 +199,7 @@ class NamespaceState:
     failures: int = 0
     task: asyncio.Task[None] | None = None
     retry: asyncio.TimerHandle | None = None
+    check_again: bool = False  # the hook checker could not be asked at the last reconciliation
 
     def set_refs(self, policy: str, names: frozenset[str] | None) -> None:
         if names:
@@ -420,7 +421,20 @@ class Controller:
                     state.retry.cancel()
                 state.retry = asyncio.get_running_loop().call_later(delay, self.touch, namespace)
             else:
-                state.failures = 0
+                if state.check_again:
+                    state.check_again = False
+                    delay = min(
+                        self.settings.retry_seconds * 2**state.failures, self.settings.retry_max_seconds
+                    )
+                    state.failures += 1
+                    log.warning(
+                        "namespace %s: its Lua hooks could not be checked; again in %.1fs", namespace, delay
+                    )
+                    if state.retry is not None:
+                        state.retry.cancel()
+                    state.retry = asyncio.get_running_loop().call_later(delay, self.touch, namespace)
+                else:
+                    state.failures = 0
 
     async def close(self) -> None:
         self._closed = True
@@ -570,6 +584,8 @@ class Controller:
             problem = await self.hooks.check(namespace, hooks, timeout or DEFAULT_HOOK_TIMEOUT_MS)
             if problem is not None:
                 problems.append(problem)
+                # Not the hooks' fault (the checker could not be asked): try again, as after a failure.
+                state.check_again = problem.reason == HOOK_CHECK_FAILED
         previous = current.data if current is not None and _ours(current) else None
         return render_settings(namespace, sources, hooks, problems, previous)
 

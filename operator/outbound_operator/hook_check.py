@@ -25,6 +25,7 @@ from outbound_relay.hook_state import LuaScript
 from outbound_relay.lua_worker import WorkerStartError, check_scripts
 
 CACHE_SIZE = 64
+HOOK_CHECK_FAILED = "HookCheckFailed"  # the reason when the hooks could not be checked (not their fault)
 _FILE_ERROR = re.compile(r"^hooks\.lua\[(?P<index>\d+)\] '[^']*': (?P<text>.*)$", re.DOTALL)
 
 
@@ -71,7 +72,7 @@ class HookChecker:
                 if not error.in_files:  # the operator's trouble, not the hook's: not remembered
                     return Problem(
                         type=ConditionType.INVALID,
-                        reason="HookCheckFailed",
+                        reason=HOOK_CHECK_FAILED,
                         message=f"spec.hooks.lua: the hooks could not be checked ({error}); they are not "
                         "rendered until they are",
                     )

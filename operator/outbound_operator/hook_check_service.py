@@ -26,7 +26,7 @@ from typing import Any
 
 from outbound_relay.hardening import disable_core_dumps
 from outbound_relay.hook_state import LuaScript
-from outbound_relay.lua_worker import WorkerStartError, check_scripts
+from outbound_relay.lua_worker import START_WALL_S, WorkerStartError, check_scripts
 
 log = logging.getLogger("outbound_operator.hook_checker")
 
@@ -36,9 +36,14 @@ MAX_HOOK_BYTES = 512 * 1024
 # JSON escapes can make a source up to six times longer on the wire.
 MAX_REQUEST_BYTES = 6 * MAX_HOOK_BYTES + 64 * 1024
 MAX_TIMEOUT_MS = 60_000
-# lua_worker's START_WALL_S for the worker to come up and load the files, and some room.
-PATIENCE_S = 60.0
 TOKEN_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+def patience(scripts: Sequence[LuaScript], timeout_ms: int) -> float:
+    """How long a check may take: the worker's start, then each file's top level alone and all of them
+    together, each within its CPU deadline (lua_worker), twice over for a loaded machine; and a check
+    of another namespace that may be ahead of this one."""
+    return 2 * (START_WALL_S + 2 * (len(scripts) + 1) * max(timeout_ms / 1000, 0.1)) + 30
 
 
 async def check_remote(socket: Path, scripts: Sequence[LuaScript], timeout_ms: int) -> None:
@@ -46,14 +51,14 @@ async def check_remote(socket: Path, scripts: Sequence[LuaScript], timeout_ms: i
     does; `in_files` False when the checker could not be asked (not the hooks' fault)."""
     request = {"scripts": [{"name": s.name, "source": s.source} for s in scripts], "timeoutMs": timeout_ms}
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket)), PATIENCE_S)
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket)), 10)
     except (OSError, TimeoutError) as error:
         raise WorkerStartError(f"hook checker at {socket} cannot be reached: {error}") from None
     try:
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), PATIENCE_S)
-    except (OSError, TimeoutError) as error:
+        line = await asyncio.wait_for(reader.readline(), patience(scripts, timeout_ms))
+    except (OSError, TimeoutError, ValueError) as error:  # ValueError: a line over the reader's limit
         raise WorkerStartError(f"hook checker at {socket} did not answer: {error or 'timed out'}") from None
     finally:
         writer.close()

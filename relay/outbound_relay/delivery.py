@@ -225,6 +225,10 @@ class RelayHandler:
             first_domain = envelope.rcpt_tos[0].rpartition("@")[2]
             if scopes.signature(domain) != scopes.signature(first_domain):
                 return _ANOTHER_ROUTE
+        if address in envelope.rcpt_tos:
+            # Taken once (RFC 5321 3.3 lets a server do so), so that no transaction the relay splits the
+            # recipients into carries it a second time.
+            return "250 2.1.5 OK (a recipient given twice gets the message once)"
         if transaction is not None:
             transaction.record.mode = "content"
             transaction.rcpt_dsn.append(dsn)
@@ -386,14 +390,10 @@ class RelayHandler:
     async def _finish(self, transaction: _Transaction, passing: _PassThrough, content: bytes) -> Reply:
         """DATA of a pass-through transaction: the upstream's final reply."""
         passing.busy = True
+        upstream = passing.session
         try:
-            upstream = passing.session
             reply = _not_closing(await upstream.finish(content))
             passing.busy = False
-            if reply.is_positive and not upstream.dsn:
-                rcpts, dsns = zip(*passing.accepted, strict=True)
-                message = replace(passing.message, rcpt_tos=rcpts, content=content, rcpt_dsn=dsns)
-                reply = await self._tell_sender(upstream, message, Sent(reply), transaction.record)
         except RelayError as error:
             log.log(logging.WARNING if error.temporary else logging.INFO, "message not delivered: %s", error)
             reply = error.reply
@@ -403,6 +403,14 @@ class RelayHandler:
         finally:
             passing.open = False
             await self._end_upstream(transaction)
+        route = transaction.record.route
+        if reply.is_positive and not upstream.dsn and route is not None:
+            # On a lease of its own: the pass-through transaction is over, its session back in the pool.
+            rcpts, dsns = zip(*passing.accepted, strict=True)
+            message = replace(passing.message, rcpt_tos=rcpts, content=content, rcpt_dsn=dsns)
+            reply = await self._tell_sender(
+                upstream, route, message, Sent(reply), transaction.record, held=False
+            )
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -509,32 +517,47 @@ class RelayHandler:
 
     async def _send(self, route: Route, message: Transaction, record: Record) -> Reply:
         record.upstream = str(UpstreamKey.of(route))
+        sent: Sent | None = None
         async with self.pool.lease(route) as session:
-            try:
+            with contextlib.suppress(StaleSession):
                 sent = await session.send(message)
-            except StaleSession:
-                pass
-            else:
-                return await self._tell_sender(session, message, sent, record)
-        # A pooled session the upstream had quietly closed: nothing was sent, so one retry is safe.
-        record.attempt = 2
-        async with self.pool.lease(route, fresh=True) as session:
-            sent = await session.send(message)
-            return await self._tell_sender(session, message, sent, record)
+                if session.usable:
+                    return await self._tell_sender(session, route, message, sent, record, held=True)
+        if sent is None:
+            # A pooled session the upstream had quietly closed: nothing was sent, so one retry is safe.
+            record.attempt = 2
+            async with self.pool.lease(route, fresh=True) as session:
+                sent = await session.send(message)
+                if session.usable:
+                    return await self._tell_sender(session, route, message, sent, record, held=True)
+        # The transaction left the session unusable (closed at a deferral, lost in a follow-up): any DSN
+        # goes on another, leased once that one is given back.
+        return await self._tell_sender(session, route, message, sent, record, held=False)
 
     async def _tell_sender(
-        self, session: UpstreamSession, message: Transaction, sent: Sent, record: Record
+        self,
+        upstream: UpstreamSession,
+        route: Route,
+        message: Transaction,
+        sent: Sent,
+        record: Record,
+        *,
+        held: bool,
     ) -> Reply:
         """The app's reply to a message the upstream took, once the sender has the DSN it asked for: of
         the recipients the upstream refused while it took the message for others (`failed`), and, when
-        the upstream does not offer DSN, of those whose NOTIFY asked SUCCESS (`relayed`). Sent through the
-        same upstream session, before the reply (docs/delivery.md, "Recipients the upstream refuses" and
-        "DSN parameters")."""
+        the upstream does not offer DSN, of those whose NOTIFY asked SUCCESS (`relayed`). Sent before the
+        reply: through `upstream`, the session that carried the message, when the caller `held` its
+        lease still; else through one leased for it (the caller holds none then, so that a route of one
+        connection cannot wait for itself). docs/delivery.md, "Recipients the upstream refuses" and "DSN
+        parameters"."""
+        if not sent.reply.is_positive:
+            return sent.reply  # nobody got it: the app's refusal says so, and it sends again or bounces
         dsn_of = dict(zip(message.rcpt_tos, message.rcpt_dsn, strict=False))
         entries = [
             Entry(rcpt, Action.FAILED, reply, dsn_of.get(rcpt, NO_RCPT_DSN)) for rcpt, reply in sent.refused
         ]
-        if not session.dsn:
+        if not upstream.dsn:
             refused = {rcpt for rcpt, _ in sent.refused}
             entries += [
                 Entry(rcpt, Action.RELAYED, sent.reply, dsn_of.get(rcpt, NO_RCPT_DSN))
@@ -554,23 +577,13 @@ class RelayHandler:
             # The upstream took the message: nothing here may turn that into a failure for the app, which
             # would then send it again.
             try:
-                report = build_report(
-                    reporting_mta=self.pool.local_hostname,
-                    remote_mta=session.key.host,
-                    sender=message.mail_from,
-                    entries=wanted,
-                    mail_dsn=message.dsn,
-                    content=message.content,
-                    original_headers=split_headers(message.content)[0],
-                )
-                bounce = await session.send(Transaction("", (message.mail_from,), report, message.smtp_utf8))
+                bounce = await self._send_report(upstream if held else None, route, message, wanted)
                 result = DsnResult.SENT if bounce.reply.is_positive else DsnResult.REFUSED
                 told = f"DSN {'sent' if result is DsnResult.SENT else 'refused'}: {bounce.reply.one_line()}"
             except (RelayError, StaleSession) as error:
                 result, told = DsnResult.REFUSED, f"DSN not sent: {error}"
             except Exception:
                 log.exception("message %s: the DSN failed unexpectedly", record.id)
-                session.broken = True  # its state is unknown
                 result, told = DsnResult.REFUSED, "DSN not sent: internal error"
         record.dsn = result.value
         self.delivery_metrics.dsn.labels(result=result.value).inc()
@@ -586,7 +599,7 @@ class RelayHandler:
                 "message %s: upstream %s refused %s (%s) and the sender cannot be told (%s); the relay "
                 "keeps no queue, so these recipients do not get the message",
                 record.id,
-                session.key,
+                record.upstream,
                 count,
                 printable(" ".join(f"<{rcpt}> {reply.one_line()}" for rcpt, reply in sent.refused)),
                 told,
@@ -596,3 +609,24 @@ class RelayHandler:
             DsnResult.NOT_REQUESTED: "the sender asked for no DSN",
         }.get(result, "no DSN could be sent")
         return sent.reply._replace(lines=(*sent.reply.lines, f"(upstream refused {count}; {note})"))
+
+    async def _send_report(
+        self, session: UpstreamSession | None, route: Route, message: Transaction, entries: list[Entry]
+    ) -> Sent:
+        """The DSN to the sender, through `session` or, when None, a session leased for it."""
+        if session is None:
+            async with self.pool.lease(route) as leased:
+                return await self._send_report(leased, route, message, entries)
+        mail_dsn = message.dsn
+        if mail_dsn.ret == "FULL" and session.size_limit and len(message.content) > session.size_limit // 2:
+            mail_dsn = replace(mail_dsn, ret="HDRS")  # the whole message would not fit beside the report
+        report = build_report(
+            reporting_mta=self.pool.local_hostname,
+            remote_mta=session.key.host,
+            sender=message.mail_from,
+            entries=entries,
+            mail_dsn=mail_dsn,
+            content=message.content,
+            original_headers=split_headers(message.content)[0],
+        )
+        return await session.send(Transaction("", (message.mail_from,), report, message.smtp_utf8))

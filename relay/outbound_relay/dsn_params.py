@@ -20,6 +20,7 @@ _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")
 _XTEXT_ESCAPE = re.compile(r"\+([0-9A-F]{2})")
 # RFC 3461 4.2: addr-type is an atom (RFC 5322), the address type ("rfc822", "utf-8" of RFC 6533).
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*\Z")
 MAX_ENVID = 100  # RFC 3461 4.4
 MAX_ORCPT = 500  # RFC 3461 4.2: what the parameter may add to a RCPT line
 # What the DSN parameters may add to a command line (RFC 3461 5: a server offering DSN takes longer
@@ -61,6 +62,8 @@ def _parse(options: Iterable[str], allowed: frozenset[str], command: str) -> dic
 
 
 def _xtext(keyword: str, value: str, limit: int) -> str:
+    """`value`, checked: xtext, and decoding to printable US-ASCII (RFC 3461 4.2, 4.4: what a DSN shows
+    as Original-Envelope-Id or Original-Recipient; Postfix refuses anything else)."""
     if len(value) > limit:
         raise DsnSyntaxError(f"{keyword} is longer than {limit} characters")
     if _XTEXT.match(value) is None:
@@ -68,6 +71,8 @@ def _xtext(keyword: str, value: str, limit: int) -> str:
             f"{keyword} is not xtext (RFC 3461 4: printable US-ASCII, with '+', '=' and other octets "
             "written '+' and two upper-case hex digits)"
         )
+    if _PRINTABLE.match(xtext_decode(value)) is None:
+        raise DsnSyntaxError(f"{keyword} decodes to characters other than printable US-ASCII")
     return value
 
 
@@ -98,12 +103,9 @@ class MailDsn:
 
     @property
     def envelope_id(self) -> str | None:
-        """The ENVID as a DSN's Original-Envelope-Id shows it (RFC 3464 2.2.1): decoded when that is
-        printable, else as given (a decoded CR or LF must not start a new header line)."""
-        if self.envid is None:
-            return None
-        decoded = xtext_decode(self.envid)
-        return decoded if decoded.isascii() and decoded.isprintable() else self.envid
+        """The ENVID as a DSN's Original-Envelope-Id shows it (RFC 3464 2.2.1): decoded, which from_options
+        made sure is printable US-ASCII."""
+        return None if self.envid is None else xtext_decode(self.envid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +155,11 @@ class RcptDsn:
     @property
     def original_recipient(self) -> str | None:
         """ORCPT as a DSN's Original-Recipient shows it (RFC 3464 2.3.1): type, ';' and the address,
-        decoded when printable."""
+        decoded (printable US-ASCII, from_options made sure)."""
         if self.orcpt is None:
             return None
         addr_type, _, address = self.orcpt.partition(";")
-        decoded = xtext_decode(address)
-        return f"{addr_type};{decoded if decoded.isascii() and decoded.isprintable() else address}"
+        return f"{addr_type};{xtext_decode(address)}"
 
 
 NO_MAIL_DSN = MailDsn()

@@ -498,29 +498,37 @@ class UpstreamSession:
 
         Raises StaleSession when a reused session fails before anything reached the upstream, and
         UpstreamUnavailable when the connection fails otherwise."""
-        sent = await self._send_once(message)
-        while sent.reply.is_positive and (over := [rcpt for rcpt, reply in sent.refused if _over_cap(reply)]):
-            rest = [index for index, rcpt in enumerate(message.rcpt_tos) if rcpt in over]
-            follow_up = replace(
-                message,
-                rcpt_tos=tuple(message.rcpt_tos[index] for index in rest),
-                rcpt_dsn=tuple(message.dsn_of(index) for index in rest),
+        sent = await self._send_once(message, defer=True)
+        if not sent.reply.is_positive:
+            return sent
+        accepted_reply, settled = sent.reply, []  # the first transaction's 250; refusals for good so far
+        batch, indices = message, list(range(len(message.rcpt_tos)))  # its recipients' places in `message`
+        while True:
+            # Refusals come in the order of this transaction's RCPTs: each is matched to its RCPT.
+            refused = _refused_at(batch.rcpt_tos, sent.refused)
+            settled += [(batch.rcpt_tos[at], reply) for at, reply in refused if not _over_cap(reply)]
+            over = [indices[at] for at, reply in refused if _over_cap(reply)]
+            if not over:
+                return Sent(accepted_reply, tuple(settled))
+            batch, indices = (
+                replace(
+                    message,
+                    rcpt_tos=tuple(message.rcpt_tos[index] for index in over),
+                    rcpt_dsn=tuple(message.dsn_of(index) for index in over),
+                ),
+                over,
             )
-            refused = [(rcpt, reply) for rcpt, reply in sent.refused if not _over_cap(reply)]
             try:
-                more = await self._send_once(follow_up)
+                # The first recipients have the message: no deferral of the rest, which would make the app
+                # send it to them all again; those refused for now are reported with the others.
+                sent = await self._send_once(batch, defer=False)
             except (StaleSession, UpstreamUnavailable) as error:
-                # The first recipients have the message: sending it all again would duplicate it.
                 lost = Reply.of(451, "4.4.1", f"upstream {self.key} failed before these were sent: {error}")
-                return Sent(sent.reply, (*refused, *((rcpt, lost) for rcpt in follow_up.rcpt_tos)))
-            if not more.reply.is_positive:
-                return Sent(sent.reply, (*refused, *((rcpt, more.reply) for rcpt in follow_up.rcpt_tos)))
-            if len(more.refused) == len(follow_up.rcpt_tos):  # no progress: the cap is 0 now
-                return Sent(sent.reply, (*refused, *more.refused))
-            sent = Sent(sent.reply, (*refused, *more.refused))
-        return sent
+                return Sent(accepted_reply, (*settled, *((rcpt, lost) for rcpt in batch.rcpt_tos)))
+            if not sent.reply.is_positive:  # none of them taken (so each round takes one at least)
+                return Sent(accepted_reply, (*settled, *((rcpt, sent.reply) for rcpt in batch.rcpt_tos)))
 
-    async def _send_once(self, message: Transaction) -> Sent:
+    async def _send_once(self, message: Transaction, *, defer: bool) -> Sent:
         if (refusal := self._cannot_carry(message)) is not None:
             return Sent(refusal)
         mail = self._mail_command(message)
@@ -540,7 +548,7 @@ class UpstreamSession:
                 raise StaleSession(str(error) or type(error).__name__) from None
             raise UpstreamUnavailable(f"upstream {self.key} failed at MAIL: {error}") from None
         try:
-            return await self._after_mail(message, mail_reply, rcpts)
+            return await self._after_mail(message, mail_reply, rcpts, defer=defer)
         except _Closing as closing:
             return Sent(closing.reply)  # a transient refusal, passed on as it is
         except OSError as error:
@@ -550,7 +558,9 @@ class UpstreamSession:
                 "if DATA was sent, the message may have been delivered"
             ) from None
 
-    async def _after_mail(self, message: Transaction, mail_reply: Reply, rcpts: list[bytes]) -> Sent:
+    async def _after_mail(
+        self, message: Transaction, mail_reply: Reply, rcpts: list[bytes], *, defer: bool
+    ) -> Sent:
         mail_accepted = mail_reply.code == SMTPStatus.completed
         refused: list[tuple[str, Reply]] = []
         # Pipelined, every RCPT has a reply to read; one at a time, none is sent after a failed MAIL.
@@ -563,7 +573,7 @@ class UpstreamSession:
                     refused.append((rcpt, reply))
         data_reply = await self._read() if self.pipelining else None
         deferred = [(rcpt, reply) for rcpt, reply in refused if reply.is_transient and not _over_cap(reply)]
-        if mail_accepted and deferred and len(refused) < len(rcpts):
+        if defer and mail_accepted and deferred and len(refused) < len(rcpts):
             # Some recipients refused for now: no message for the others either, so that the app's retry
             # of the whole message gives nobody a second copy (and a temporary refusal stays temporary).
             if data_reply is not None and data_reply.code == SMTPStatus.start_input:
@@ -784,6 +794,17 @@ def _refusal(refused: list[tuple[str, Reply]], total: int) -> Reply:
     return first._replace(
         lines=(*first.lines, f"(upstream refused all {total} recipients: {names}; nothing was delivered)")
     )
+
+
+def _refused_at(rcpt_tos: tuple[str, ...], refused: tuple[tuple[str, Reply], ...]) -> list[tuple[int, Reply]]:
+    """The index in `rcpt_tos` of each refused recipient: refusals come in the order of the RCPTs, so a
+    recipient given twice is matched to the right one of its RCPTs."""
+    found, start = [], 0
+    for rcpt, reply in refused:
+        index = rcpt_tos.index(rcpt, start)
+        found.append((index, reply))
+        start = index + 1
+    return found
 
 
 def _over_cap(reply: Reply) -> bool:

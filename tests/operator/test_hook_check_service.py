@@ -16,9 +16,13 @@ import pytest
 
 from outbound_operator.hook_check import HookChecker
 from outbound_operator.hook_check_service import HookCheckServer, check_remote
+from outbound_operator.resources import SETTINGS_PLURAL
 from outbound_relay.hook_state import LuaScript
 from outbound_relay.lua_worker import WorkerStartError
+from tests.operator.cluster import Objects
+from tests.operator.conftest import StartOperator
 from tests.operator.test_hook_check import BROKEN, hook
+from tests.operator.test_operator_settings import HOOKS_SPEC
 from tests.support.seed import SEED_LUA
 
 
@@ -120,3 +124,34 @@ async def test_the_checker_process_serves_when_no_token_is_there(tmp_path: Path)
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_the_operator_asks_again_until_its_checker_answers(
+    objects: Objects, start_operator: StartOperator, tmp_path: Path
+) -> None:
+    """An operator that starts before its hook checker (or outlives a crash of it) says HookCheckFailed,
+    then asks again on its own, with backoff, and renders the hooks once the checker answers."""
+    socket = tmp_path / "checker" / "check.sock"
+    socket.parent.mkdir()
+    objects.put_secret("smtp", {"password": "pw"})
+    objects.apply_policy(
+        "global", {"type": "PLAIN", "user": "u", "passwordSecretRef": {"name": "smtp", "key": "password"}}
+    )
+    objects.put_config_map("relay-hooks", {"auth.lua": SEED_LUA})
+    objects.apply_settings(HOOKS_SPEC)
+    start_operator("--hook-checker-socket", str(socket))
+    failed = await asyncio.to_thread(
+        objects.wait_condition, "default", "Invalid", "True", plural=SETTINGS_PLURAL
+    )
+    assert failed["reason"] == "HookCheckFailed" and "cannot be reached" in failed["message"], failed
+    checker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "outbound_operator.hook_check_service", "--socket", str(socket),
+        "--service-account-dir", str(tmp_path / "none"),
+    )  # fmt: skip
+    try:
+        # Nothing changes meanwhile: only the operator's own retry can bring this about.
+        await asyncio.to_thread(objects.wait_condition, "default", "Ready", "True", plural=SETTINGS_PLURAL)
+    finally:
+        checker.terminate()
+        await checker.wait()
+    assert objects.relay_yaml()["hooks"] == {"lua": ["hook-relay-hooks-auth.lua"]}

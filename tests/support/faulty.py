@@ -99,10 +99,11 @@ class FaultyUpstream:
                 await self._reply(writer, "MAIL", [b"250 2.1.0 Ok"])
             elif verb == "RCPT":
                 address = arg.partition(b":")[2].split(b" ")[0].strip(b"<>")
-                if (forced := faults.refuse_rcpts.get(address.decode("utf-8", "replace"))) is not None:
-                    await self._reply(writer, "RCPT", [forced])
-                elif faults.max_rcpts is not None and len(rcpts) >= faults.max_rcpts:
+                # The cap first, as Postfix checks smtpd_recipient_limit before its restrictions.
+                if faults.max_rcpts is not None and len(rcpts) >= faults.max_rcpts:
                     await self._reply(writer, "RCPT", [b"452 4.5.3 Too many recipients"])
+                elif (forced := faults.refuse_rcpts.get(address.decode("utf-8", "replace"))) is not None:
+                    await self._reply(writer, "RCPT", [forced])
                 else:
                     rcpts.append(address)
                     await self._reply(writer, "RCPT", [b"250 2.1.5 Ok"])

@@ -25,7 +25,13 @@ from tests.support.faulty import Faults, FaultyUpstream, Message, plain_policy
 from tests.support.relay import raw_session, running_relay, write_config
 
 _XTEXT_CHARS = st.characters(min_codepoint=33, max_codepoint=126).filter(lambda c: c not in "+=")
+# Escapes of printable octets only: a value decoding to anything else is refused (RFC 3461 4.2, 4.4).
 _xtext = st.lists(
+    st.one_of(_XTEXT_CHARS, st.integers(0x20, 0x7E).map(lambda octet: f"+{octet:02X}")),
+    min_size=1,
+    max_size=40,
+).map("".join)
+_any_xtext = st.lists(
     st.one_of(_XTEXT_CHARS, st.integers(0, 255).map(lambda octet: f"+{octet:02X}")), min_size=1, max_size=40
 ).map("".join)
 
@@ -81,11 +87,16 @@ def test_any_value_is_taken_or_refused_by_name_and_never_reaches_a_line_unchecke
     assert re.fullmatch(rb"( [A-Z]+=[!-~]+)+", params), params
 
 
-@given(_xtext)
-def test_decoded_ids_in_a_report_never_carry_a_line_break(envid: str) -> None:
-    shown = MailDsn(envid=envid).envelope_id
-    assert shown is not None and "\r" not in shown and "\n" not in shown
-    assert shown in (envid, xtext_decode(envid))
+@given(_any_xtext)
+def test_an_id_a_report_shows_is_printable_or_refused(envid: str) -> None:
+    """A report shows ENVID and ORCPT decoded: whatever decodes to a CR, LF or other non-printable is
+    refused at MAIL or RCPT, so no report header can be split or garbled by one."""
+    try:
+        shown = MailDsn.from_options([f"ENVID={envid}"]).envelope_id
+    except DsnSyntaxError:
+        assert not all(0x20 <= ord(char) <= 0x7E for char in xtext_decode(envid))
+        return
+    assert shown == xtext_decode(envid) and all(0x20 <= ord(char) <= 0x7E for char in shown)
 
 
 @pytest.mark.parametrize(
@@ -96,6 +107,7 @@ def test_decoded_ids_in_a_report_never_carry_a_line_break(envid: str) -> None:
         (["ENVID=a+2x"], "ENVID is not xtext"),
         (["ENVID=" + "x" * (MAX_ENVID + 1)], "ENVID is longer than 100"),
         (["ENVID="], "ENVID needs a value"),
+        (["ENVID=id+0D+0AX-Injected:+20yes"], "ENVID decodes to characters other than printable US-ASCII"),
         (["NOTIFY=SUCCESS"], "NOTIFY is a parameter of RCPT TO, not of MAIL FROM"),
     ],
 )
@@ -188,6 +200,26 @@ async def test_an_upstream_without_dsn_gets_no_parameters_and_the_relay_reports_
     assert 'outbound_relay_dsn_total{result="sent"} 1.0' in metrics
 
 
+def _content_dependent(port: int) -> list[dict[str, object]]:
+    return [
+        plain_policy(port),
+        {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "bulk", "password": "pw"},
+    ]
+
+
+@pytest.mark.parametrize("content_dependent", [False, True])
+async def test_no_relayed_report_for_a_message_the_upstream_refused(
+    config_path: Path, content_dependent: bool
+) -> None:
+    async with FaultyUpstream(Faults(replies={".": [b"554 5.7.1 Rejected for policy reasons"]})) as up:
+        policies = _content_dependent(up.port) if content_dependent else [plain_policy(up.port)]
+        write_config(config_path, {"policies": policies})
+        async with running_relay(config_path) as relay:
+            replies = await raw_session(relay.port, _transaction())
+    assert replies[-2].startswith(b"554 5.7.1"), replies
+    assert _reports(up) == []
+
+
 async def test_no_relayed_report_unless_notify_asks_for_success(config_path: Path) -> None:
     async with FaultyUpstream() as up:
         write_config(config_path, {"policies": [plain_policy(up.port)]})
@@ -195,13 +227,6 @@ async def test_no_relayed_report_unless_notify_asks_for_success(config_path: Pat
             await raw_session(relay.port, _transaction(" NOTIFY=FAILURE,DELAY"))
             await raw_session(relay.port, _transaction(""))
     assert len(up.messages) == 2 and _reports(up) == []
-
-
-def _content_dependent(port: int) -> list[dict[str, object]]:
-    return [
-        plain_policy(port),
-        {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "bulk", "password": "pw"},
-    ]
 
 
 async def test_a_refused_recipient_is_reported_as_its_notify_and_ret_ask(config_path: Path) -> None:

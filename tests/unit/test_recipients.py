@@ -183,6 +183,36 @@ async def test_content_dependent_recipients_over_the_upstreams_cap_go_in_further
     assert _dsns(up) == []
 
 
+async def test_content_dependent_a_recipient_refused_for_now_in_a_follow_up_is_told_to_the_sender(
+    config_path: Path,
+) -> None:
+    """Once the first transaction delivered, a follow-up is never deferred as a whole (the app would send
+    the message to everyone again): its accepted recipients get the message, and the one refused for now
+    is in the sender's DSN."""
+    rcpts = [f"r{n}@example.net" for n in range(5)]
+    faults = Faults(max_rcpts=2, refuse_rcpts={rcpts[3]: b"451 4.7.1 Greylisted, try again later"})
+    async with FaultyUpstream(faults) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, rcpts, message(subject="greylisted"))
+    assert outcome.code == 250 and "refused 1 of 5 recipients" in outcome.reply[1], outcome
+    delivered = [m.rcpt_tos for m in up.messages if not m.mail_from.startswith(b"<>")]
+    assert delivered == [(b"r0@example.net", b"r1@example.net"), (b"r2@example.net", b"r4@example.net")]
+    [dsn] = _dsns(up)
+    text = dsn.data.decode()
+    assert f"Final-Recipient: rfc822;{rcpts[3]}" in text and "Status: 4.7.1" in text, text
+
+
+async def test_content_dependent_a_recipient_given_twice_gets_the_message_once(config_path: Path) -> None:
+    async with FaultyUpstream(Faults(max_rcpts=2)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, [OK, PERM, OK, "third@example.net"], message())
+    assert outcome.code == 250, outcome
+    delivered = sorted(rcpt for m in up.messages for rcpt in m.rcpt_tos)
+    assert delivered == sorted([OK.encode(), PERM.encode(), b"third@example.net"])
+
+
 async def test_content_dependent_all_refused_is_one_reply_and_no_dsn(config_path: Path) -> None:
     async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
         write_config(config_path, {"policies": _content_dependent(up.port)})
