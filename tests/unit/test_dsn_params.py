@@ -180,8 +180,9 @@ async def test_the_relay_offers_dsn_and_passes_the_parameters_to_an_upstream_tha
 async def test_an_upstream_without_dsn_gets_no_parameters_and_the_relay_reports_relayed(
     config_path: Path,
 ) -> None:
+    """One connection allowed: the report waits for the message's session to be given back, and reuses it."""
     async with FaultyUpstream() as up:
-        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        write_config(config_path, {"policies": [plain_policy(up.port, maxConnections=1)]})
         async with running_relay(config_path) as relay:
             replies = await raw_session(relay.port, _transaction())
             metrics = relay.metrics.render().decode()
@@ -198,6 +199,7 @@ async def test_an_upstream_without_dsn_gets_no_parameters_and_the_relay_reports_
     assert "Action: relayed" in text and "Status: 2.0.0" in text
     assert "Subject: dsn" in text and "the body" not in text
     assert 'outbound_relay_dsn_total{result="sent"} 1.0' in metrics
+    assert up.connections == 1
 
 
 def _content_dependent(port: int) -> list[dict[str, object]]:
