@@ -78,6 +78,7 @@ class _Transaction:
     envelope: Envelope
     record: Record
     dsn: MailDsn = NO_MAIL_DSN  # RET and ENVID of its MAIL
+    declared_size: int | None = None  # SIZE= of its MAIL (RFC 1870; aiosmtpd checked it is digits)
     rcpt_dsn: list[RcptDsn] = field(default_factory=list)  # NOTIFY and ORCPT of each of envelope.rcpt_tos
     passing: _PassThrough | None = None
     lost: Reply | None = None  # the upstream transaction was lost after accepting recipients: DATA's reply
@@ -168,7 +169,9 @@ class RelayHandler:
             self._auth_binding[envelope] = auth_data
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        self._transactions[session] = _Transaction(envelope, Record("" if address == "<>" else address), dsn)
+        declared = next((int(o[5:]) for o in mail_options if o.upper().startswith("SIZE=")), None)
+        record = Record("" if address == "<>" else address)
+        self._transactions[session] = _Transaction(envelope, record, dsn, declared)
         return "250 OK"
 
     async def handle_RCPT(
@@ -300,7 +303,15 @@ class RelayHandler:
         upstream refused MAIL) and the reply for the app's RCPT."""
         mail_from = transaction.record.mail_from
         smtp_utf8 = bool(transaction.envelope.smtp_utf8)
-        message = Transaction(mail_from, (address,), b"", smtp_utf8, transaction.dsn, (dsn,))
+        message = Transaction(
+            mail_from,
+            (address,),
+            b"",
+            smtp_utf8,
+            dsn=transaction.dsn,
+            declared_size=transaction.declared_size,
+            rcpt_dsn=(dsn,),
+        )
         for attempt, fresh in ((1, False), (2, True)):
             transaction.record.attempt = attempt
             lease = contextlib.AsyncExitStack()
@@ -463,8 +474,8 @@ class RelayHandler:
                 tuple(envelope.rcpt_tos),
                 content,
                 bool(envelope.smtp_utf8),
-                transaction.dsn,
-                tuple(transaction.rcpt_dsn),
+                dsn=transaction.dsn,
+                rcpt_dsn=tuple(transaction.rcpt_dsn),
             )
             return await self._send(route, message, record)
         except RelayError as error:

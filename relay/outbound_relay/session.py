@@ -106,10 +106,16 @@ class Transaction:
     content: bytes
     smtp_utf8: bool = False  # the client said SMTPUTF8 on MAIL (RFC 6531)
     dsn: MailDsn = NO_MAIL_DSN  # RET and ENVID of the client's MAIL (RFC 3461)
+    declared_size: int | None = None  # the client's SIZE= on MAIL (RFC 1870), while the content is not there
     rcpt_dsn: tuple[RcptDsn, ...] = ()  # NOTIFY and ORCPT of each of rcpt_tos; empty when none was given
 
     def dsn_of(self, index: int) -> RcptDsn:
         return self.rcpt_dsn[index] if self.rcpt_dsn else NO_RCPT_DSN
+
+    @property
+    def size(self) -> int | None:
+        """The message's size as MAIL's SIZE= gives it: the content's, once there; else the client's."""
+        return len(self.content) if self.content else self.declared_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +244,7 @@ class UpstreamSession:
         self.timeout = timeout  # for each reply; the pool sets it anew when a reload changed it
         self.data_timeout = timeout  # for sending the body and the final reply to it (RFC 5321 4.5.3.2)
         self.size_limit = 0  # the server's SIZE (RFC 1870), 0 when it gives none
+        self.size_offered = False  # the server offers SIZE, with or without a limit: SIZE= goes on MAIL
         self.reused = False  # set by the pool when it leases the session out again
         self.broken = False  # it erred, or the upstream is closing it: closed, never leased again
         self.closed = False
@@ -412,6 +419,7 @@ class UpstreamSession:
         self.dsn = smtp.supports_extension("dsn")
         size = smtp.esmtp_extensions.get("size", "")
         self.size_limit = int(size) if size.isdigit() else 0
+        self.size_offered = smtp.supports_extension("size")
         assert smtp.transport is not None, "connected"
         # uvloop's transports are not asyncio.WriteTransport subclasses, but write like one.
         self._transport, self._reader = cast(asyncio.WriteTransport, smtp.transport), ReplyReader()
@@ -462,6 +470,8 @@ class UpstreamSession:
         params = (b" BODY=8BITMIME" if self.eight_bit_mime else b"") + (
             b" SMTPUTF8" if message.smtp_utf8 and self.smtputf8 else b""
         )
+        if self.size_offered and (size := message.size) is not None:
+            params += b" SIZE=%d" % size
         if self.dsn:
             params += message.dsn.params()
         return b"MAIL FROM:" + _path(message.mail_from, message.smtp_utf8) + params + b"\r\n"
@@ -478,12 +488,11 @@ class UpstreamSession:
             return Reply.of(
                 553, "5.6.7", f"upstream {self.key} does not offer SMTPUTF8, which these addresses need"
             )
-        if self.size_limit and len(message.content) > self.size_limit:
+        if self.size_limit and (size := message.size or 0) > self.size_limit:
             return Reply.of(
                 552,
                 "5.3.4",
-                f"message of {len(message.content)} octets is over the {self.size_limit} that upstream "
-                f"{self.key} accepts",
+                f"message of {size} octets is over the {self.size_limit} that upstream {self.key} accepts",
             )
         return None
 

@@ -48,6 +48,38 @@ async def test_the_upstreams_smaller_size_refuses_before_sending(config_path: Pa
     assert up.messages == []
 
 
+async def test_size_reaches_the_upstream_and_its_smaller_size_refuses_a_declared_one_at_rcpt(
+    config_path: Path,
+) -> None:
+    """RFC 1870 on the way out: the app's SIZE= goes on the upstream's MAIL FROM (pass-through opens it at
+    the first RCPT, the earliest the route is known), and one over the upstream's SIZE is refused there,
+    before MAIL is sent; when the route waits for the content, SIZE= is the content's."""
+    async with FaultyUpstream(Faults(size=1000)) as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            over = await raw_session(
+                relay.port, b"EHLO app\r\nMAIL FROM:<a@example.org> SIZE=5000\r\nRCPT TO:<b@example.net>\r\n"
+            )
+            under = await raw_session(
+                relay.port,
+                b"EHLO app\r\nMAIL FROM:<a@example.org> SIZE=500\r\nRCPT TO:<b@example.net>\r\n"
+                + b"DATA\r\n"
+                + as_data(message()),
+            )
+        bulk = {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "u", "password": "p"}
+        write_config(config_path, {"policies": [plain_policy(up.port), bulk]})
+        async with running_relay(config_path) as relay:
+            content = await submit(relay.port, ["c@example.net"], message())
+    rcpt = _finals(over)[-2]
+    assert rcpt.startswith(b"552 5.3.4 message of 5000 octets is over the 1000 that upstream"), over
+    assert _finals(under)[-2].startswith(b"250 "), under
+    mails = [c.rstrip(b"\r\n") for c in up.commands if c.startswith(b"MAIL")]
+    assert mails[0] == b"MAIL FROM:<a@example.org> BODY=8BITMIME SIZE=500", mails  # the refused one sent none
+    assert content.code == 250 and mails[1] == b"MAIL FROM:<app@example.org> BODY=8BITMIME SIZE=%d" % len(
+        message()
+    ), mails
+
+
 async def test_a_line_over_1000_octets_gets_a_clear_5xx_not_an_opaque_500(config_path: Path) -> None:
     async with FaultyUpstream() as up:
         write_config(config_path, {"policies": [plain_policy(up.port)]})
