@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,19 @@ def helm(
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def installed(
+    control_plane: ControlPlane, release: str, namespace: str, *args: str
+) -> Iterator[subprocess.CompletedProcess[str]]:
+    """`helm install` of the chart, uninstalled afterwards whatever happened, the install itself failing
+    included: a release left behind keeps its cluster-wide webhook configurations, whose policy check
+    (failurePolicy Fail) would then refuse every policy of every later test on the shared cluster."""
+    try:
+        yield helm(control_plane, "install", release, str(CHART), "--namespace", namespace, *args)
+    finally:
+        helm(control_plane, "uninstall", release, "--namespace", namespace, "--wait", check=False)
 
 
 def values_file(directory: Path, values: dict[str, Any]) -> Path:

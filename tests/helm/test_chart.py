@@ -34,6 +34,7 @@ from tests.helm.chart import (
     find,
     hand_crds_to,
     helm,
+    installed,
     objects,
     read_json,
     release_name,
@@ -639,17 +640,16 @@ def test_watch_namespaces_confine_secret_access(
     release = release_name()
     try:
         hand_crds_to(control_plane, release, namespace)
-        helm(
-            control_plane, "install", release, str(CHART), "--namespace", namespace,
+        with installed(
+            control_plane, release, namespace,
             "--set", f"operator.watchNamespaces={{{watched}}}", "--wait", "--timeout", "120s",
-        )  # fmt: skip
-        who = f"system:serviceaccount:{namespace}:{release}-outbound-relay"
-        assert _can(control_plane, who, "watch", "secrets", watched)
-        assert _can(control_plane, who, "list", "outboundauthpolicies.outboundrelay.io", watched)
-        assert not _can(control_plane, who, "get", "secrets", "default")
-        assert not _can(control_plane, who, "get", "secrets", namespace)
-        assert not _can(control_plane, who, "list", "outboundauthpolicies.outboundrelay.io", "default")
-        helm(control_plane, "uninstall", release, "--namespace", namespace, "--wait")
+        ):  # fmt: skip
+            who = f"system:serviceaccount:{namespace}:{release}-outbound-relay"
+            assert _can(control_plane, who, "watch", "secrets", watched)
+            assert _can(control_plane, who, "list", "outboundauthpolicies.outboundrelay.io", watched)
+            assert not _can(control_plane, who, "get", "secrets", "default")
+            assert not _can(control_plane, who, "get", "secrets", namespace)
+            assert not _can(control_plane, who, "list", "outboundauthpolicies.outboundrelay.io", "default")
     finally:
         core.delete_namespace(watched)
 

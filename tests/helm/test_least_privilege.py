@@ -22,7 +22,7 @@ import yaml
 from kubernetes import client
 
 from tests.cluster.controlplane import ControlPlane
-from tests.helm.chart import CHART, hand_crds_to, helm, release_name
+from tests.helm.chart import hand_crds_to, installed, release_name
 from tests.operator.cluster import OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -85,14 +85,10 @@ def install(control_plane: ControlPlane, k8s_client: client.ApiClient, namespace
     )
     release = release_name("lp")
     hand_crds_to(control_plane, release, namespace)
-    helm(
-        control_plane, "install", release, str(CHART), "--namespace", namespace,
-        "--set", "webhook.enabled=false",
-    )  # fmt: skip
     try:
-        yield Install(control_plane, release, namespace, opted_in, plain)
+        with installed(control_plane, release, namespace, "--set", "webhook.enabled=false"):
+            yield Install(control_plane, release, namespace, opted_in, plain)
     finally:
-        helm(control_plane, "uninstall", release, "--namespace", namespace, "--wait")
         for name in (opted_in, plain):
             core.delete_namespace(name)
 

@@ -23,7 +23,7 @@ from outbound_operator import webhook as webhook_module
 from outbound_operator.webhook import MUTATE_PATH
 from outbound_operator.webhook_certs import RotationSettings
 from tests.cluster.controlplane import REPO, ControlPlane
-from tests.helm.chart import CHART, find, hand_crds_to, helm, objects, read_json, release_name
+from tests.helm.chart import find, hand_crds_to, installed, objects, read_json, release_name
 from tests.support.process import terminate
 from tests.webhook.conftest import ThreadedWebhook, free_port, wait_for
 
@@ -63,18 +63,19 @@ def test_quick_start(
     # release first, as docs/helm.md's upgrade notes say (on a fresh cluster there is nothing to hand over).
     hand_crds_to(control_plane, release, system)
     # helm install outbound-relay charts/outbound-relay --namespace outbound-relay-system --create-namespace
-    helm(
-        control_plane, "install", release, str(CHART), "--namespace", system, "--create-namespace",
-        "--set", f"webhook.url={url}", "--set", "webhook.certIPAddresses={127.0.0.1}",
-        "--wait", "--timeout", "120s",
-    )  # fmt: skip
-    webhook = _webhook_as_the_chart_configures_it(control_plane, release, system, port, tmp_path)
     try:
-        _quick_start(control_plane, k8s_client, namespace)
+        with installed(
+            control_plane, release, system, "--create-namespace",
+            "--set", f"webhook.url={url}", "--set", "webhook.certIPAddresses={127.0.0.1}",
+            "--wait", "--timeout", "120s",
+        ):  # fmt: skip
+            webhook = _webhook_as_the_chart_configures_it(control_plane, release, system, port, tmp_path)
+            try:
+                _quick_start(control_plane, k8s_client, namespace)
+            finally:
+                webhook.stop()
+                webhook.api.close()  # type: ignore[no-untyped-call]
     finally:
-        webhook.stop()
-        webhook.api.close()  # type: ignore[no-untyped-call]
-        helm(control_plane, "uninstall", release, "--namespace", system, "--wait")
         client.CoreV1Api(k8s_client).delete_namespace(system)
 
 
@@ -125,7 +126,7 @@ def _webhook_as_the_chart_configures_it(
         )
     sidecar_file = tmp_path / "sidecar.yaml"
     sidecar_file.write_text(sidecar["data"]["sidecar.yaml"])
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]  # the operator; then hook-checker
     args = [a for a in container["args"] if a.startswith("--webhook-")]
     args = [a for a in args if not a.startswith(("--webhook-port=", "--webhook-sidecar-config="))]
     args += [f"--webhook-port={port}", "--webhook-host=127.0.0.1", f"--webhook-namespace={namespace}"]
