@@ -132,6 +132,8 @@ async def test_dsn_parameters_reach_postfix_which_reports_as_they_ask(
     assert b"Subject: dsn passthrough" in arrived.content
     [report] = refusing_postfix.sink.wait_for(1, rcpt=sender, timeout=30)
     text = report.content.decode("ascii", "replace")
+    status = text.split("Content-Type: message/delivery-status", 1)[-1].split("\n--", 1)[0]
+    print(f"\nWhat the app sent the relay:\n{commands.decode()}\nPostfix's DSN to the sender:{status}")
     assert f"Original-Envelope-Id: {envid}" in text, text
     assert "Original-Recipient: rfc822;first+contact@refusing.test" in text, text
     assert f"Final-Recipient: rfc822; {ok}" in text and "Action: relayed" in text, text  # Postfix's spacing
