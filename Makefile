@@ -31,7 +31,7 @@ crds: setup
 	$(VENV)/python -m outbound_operator.crdgen
 
 # The parsers and wire formats under hypothesis, 20,000 examples a property (tens of minutes; no per-test timeout).
-FUZZ_TESTS := tests/unit/test_fuzz.py tests/unit/test_smuggling.py tests/unit/test_reply.py tests/unit/test_reply_meaning.py
+FUZZ_TESTS := tests/unit/test_fuzz.py tests/unit/test_smuggling.py tests/unit/test_reply.py tests/unit/test_reply_meaning.py tests/unit/test_dsn_params.py
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(VENV)/pytest --timeout=0 $(FUZZ_TESTS)
 
