@@ -579,6 +579,7 @@ class Controller:
             return render_settings(namespace, sources, (), [], None)
         found = {name: data for name, data in state.config_maps.items() if data is not None}
         hooks, problems = collect_hooks(namespace, chosen, found)
+        state.check_again = False
         if not problems and hooks and isinstance(chosen.spec, SettingsSpec):
             timeout = chosen.spec.hooks.timeout_ms if chosen.spec.hooks is not None else None
             problem = await self.hooks.check(namespace, hooks, timeout or DEFAULT_HOOK_TIMEOUT_MS)

@@ -26,6 +26,7 @@ from typing import Any
 
 from outbound_relay.hardening import disable_core_dumps
 from outbound_relay.hook_state import LuaScript
+from outbound_relay.lua_process import LOAD_CPU_S
 from outbound_relay.lua_worker import START_WALL_S, WorkerStartError, check_scripts
 
 log = logging.getLogger("outbound_operator.hook_checker")
@@ -43,7 +44,8 @@ def patience(scripts: Sequence[LuaScript], timeout_ms: int) -> float:
     """How long a check may take: the worker's start, then each file's top level alone and all of them
     together, each within its CPU deadline (lua_worker), twice over for a loaded machine; and a check
     of another namespace that may be ahead of this one."""
-    return 2 * (START_WALL_S + 2 * (len(scripts) + 1) * max(timeout_ms / 1000, 0.1)) + 30
+    load = LOAD_CPU_S * (2 * len(scripts) + 1)  # what the worker gives the top levels (lua_worker)
+    return 2 * (START_WALL_S + load + 2 * (len(scripts) + 1) * max(timeout_ms / 1000, 0.1)) + 30
 
 
 async def check_remote(socket: Path, scripts: Sequence[LuaScript], timeout_ms: int) -> None:

@@ -22,10 +22,17 @@ from dataclasses import dataclass, field, replace
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from outbound_relay.batches import Batches
 from outbound_relay.config import CONTEXT_KEYS
 from outbound_relay.dsn import Action, Entry, build_report, requested
 from outbound_relay.dsn_params import NO_MAIL_DSN, NO_RCPT_DSN, DsnSyntaxError, MailDsn, RcptDsn
-from outbound_relay.errors import HookFailed, RelayError, RouteMisconfigured
+from outbound_relay.errors import (
+    DeliveryUncertain,
+    HookFailed,
+    RelayError,
+    RouteMisconfigured,
+    UpstreamUnavailable,
+)
 from outbound_relay.generation import Generation
 from outbound_relay.message import address_defect, parse_headers, pop_header, split_headers
 from outbound_relay.metrics import DeliveryMetrics, DsnResult, MessageResult, RelayMetrics
@@ -169,7 +176,9 @@ class RelayHandler:
             self._auth_binding[envelope] = auth_data
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        declared = next((int(o[5:]) for o in mail_options if o.upper().startswith("SIZE=")), None)
+        # The last SIZE=, the one aiosmtpd checked against limits.messageSizeBytes.
+        sizes = [o[5:] for o in mail_options if o.upper().startswith("SIZE=") and o[5:].isascii()]
+        declared = int(sizes[-1]) if sizes and sizes[-1].isdecimal() else None
         record = Record("" if address == "<>" else address)
         self._transactions[session] = _Transaction(envelope, record, dsn, declared)
         return "250 OK"
@@ -399,11 +408,22 @@ class RelayHandler:
             await asyncio.gather(*self._releasing, return_exceptions=True)
 
     async def _finish(self, transaction: _Transaction, passing: _PassThrough, content: bytes) -> Reply:
-        """DATA of a pass-through transaction: the upstream's final reply."""
-        passing.busy = True
-        upstream = passing.session
+        """DATA of a pass-through transaction: the upstream's final reply, once the sender has the
+        `relayed` DSN it asked for when the upstream does not offer DSN."""
+        passing.busy = True  # until the DSN too is done: a session left now is in no state to reuse
+        upstream, route = passing.session, transaction.record.route
+        owed = not upstream.dsn and any(dsn.wants("SUCCESS") for _, dsn in passing.accepted)
+        held = True
         try:
             reply = _not_closing(await upstream.finish(content))
+            if reply.is_positive and owed and route is not None:
+                rcpts, dsns = zip(*passing.accepted, strict=True)
+                message = replace(passing.message, rcpt_tos=rcpts, content=content, rcpt_dsn=dsns)
+                held = upstream.usable  # else on a session of its own, once this one is given back
+                if held:
+                    reply = await self._tell_sender(
+                        upstream, route, message, Sent(reply), transaction.record, held=True
+                    )
             passing.busy = False
         except RelayError as error:
             log.log(logging.WARNING if error.temporary else logging.INFO, "message not delivered: %s", error)
@@ -414,11 +434,7 @@ class RelayHandler:
         finally:
             passing.open = False
             await self._end_upstream(transaction)
-        route = transaction.record.route
-        if reply.is_positive and not upstream.dsn and route is not None:
-            # On a lease of its own: the pass-through transaction is over, its session back in the pool.
-            rcpts, dsns = zip(*passing.accepted, strict=True)
-            message = replace(passing.message, rcpt_tos=rcpts, content=content, rcpt_dsn=dsns)
+        if not held and route is not None:
             reply = await self._tell_sender(
                 upstream, route, message, Sent(reply), transaction.record, held=False
             )
@@ -527,23 +543,56 @@ class RelayHandler:
         return route, content
 
     async def _send(self, route: Route, message: Transaction, record: Record) -> Reply:
+        """The message upstream: its transaction, then one for the recipients over the upstream's cap, and
+        so on (batches.py), on one session while it lasts, else on a new one; then the DSN the sender is
+        owed, through the last session while its lease is held, else through a new one."""
         record.upstream = str(UpstreamKey.of(route))
-        sent: Sent | None = None
-        async with self.pool.lease(route) as session:
-            with contextlib.suppress(StaleSession):
-                sent = await session.send(message)
-                if session.usable:
-                    return await self._tell_sender(session, route, message, sent, record, held=True)
-        if sent is None:
-            # A pooled session the upstream had quietly closed: nothing was sent, so one retry is safe.
-            record.attempt = 2
-            async with self.pool.lease(route, fresh=True) as session:
-                sent = await session.send(message)
-                if session.usable:
-                    return await self._tell_sender(session, route, message, sent, record, held=True)
-        # The transaction left the session unusable (closed at a deferral, lost in a follow-up): any DSN
-        # goes on another, leased once that one is given back.
-        return await self._tell_sender(session, route, message, sent, record, held=False)
+        loop = asyncio.get_running_loop()
+        batches = Batches(message, deadline=loop.time() + self.pool.timeout)
+        fresh = False
+        while True:
+            async with self.pool.lease(route, fresh=fresh) as session:
+                while batches.batch is not None and session.usable:
+                    try:
+                        sent = await session.send(batches.batch, defer=batches.first)
+                    except StaleSession:  # a pooled session the upstream had closed: nothing was sent
+                        if batches.first:
+                            record.attempt = 2
+                        elif batches.retried:
+                            batches.lost(
+                                Reply.of(451, "4.4.1", "not sent: the upstream closed"), maybe_delivered=False
+                            )
+                        else:
+                            batches.retried = True
+                        break
+                    except UpstreamUnavailable as error:
+                        if batches.first:
+                            raise  # nobody has it: the app hears it and sends it again
+                        uncertain = isinstance(error, DeliveryUncertain)
+                        if uncertain or batches.retried:
+                            batches.lost(error.reply, maybe_delivered=uncertain)
+                        else:
+                            batches.retried = True  # nothing of it was delivered (a 421 at MAIL, say)
+                        break
+                    batches.took(sent, loop.time())
+                if batches.batch is None and session.usable:
+                    return await self._finished(session, route, batches, record, held=True)
+            if batches.batch is None:
+                return await self._finished(session, route, batches, record, held=False)
+            fresh = True  # what is left goes on a new session, once the old one is given back
+
+    async def _finished(
+        self, session: UpstreamSession, route: Route, batches: Batches, record: Record, *, held: bool
+    ) -> Reply:
+        if batches.uncertain:
+            log.warning(
+                "message %s: upstream %s failed after the message was sent to %d recipient(s) of a further "
+                "transaction; they may have it, and no DSN names them",
+                record.id,
+                session.key,
+                len(batches.uncertain),
+            )
+        return await self._tell_sender(session, route, batches.message, batches.sent(), record, held=held)
 
     async def _tell_sender(
         self,
@@ -627,6 +676,9 @@ class RelayHandler:
         """The DSN to the sender, through `session` or, when None, a session leased for it."""
         if session is None:
             async with self.pool.lease(route) as leased:
+                with contextlib.suppress(StaleSession):
+                    return await self._send_report(leased, route, message, entries)
+            async with self.pool.lease(route, fresh=True) as leased:  # that one had been closed: nothing sent
                 return await self._send_report(leased, route, message, entries)
         mail_dsn = message.dsn
         if mail_dsn.ret == "FULL" and session.size_limit and len(message.content) > session.size_limit // 2:

@@ -29,6 +29,11 @@ class UpstreamUnavailable(RelayError, ConnectionError):
         super().__init__(451, "4.4.1", text)
 
 
+class DeliveryUncertain(UpstreamUnavailable):
+    """The session failed after the message itself was sent, before the upstream's verdict on it: the
+    recipients may have it."""
+
+
 class UpstreamAuthFailed(RelayError):
     """The upstream refused our credentials, or AUTH could not be done safely."""
 

@@ -43,7 +43,7 @@ from outbound_relay.hook_state import (
     MAX_CONTEXT_VALUE_BYTES,
     LuaScript,
 )
-from outbound_relay.lua_process import FRAME, MAX_PRINTS, cpu_budget_s, encode
+from outbound_relay.lua_process import FRAME, LOAD_CPU_S, MAX_PRINTS, cpu_budget_s, encode
 
 T = TypeVar("T")
 logger = logging.getLogger("outbound_relay.hooks")
@@ -137,6 +137,7 @@ def parse_reply(frame: bytes) -> Reply | WorkerError:
 
 def _read_frame_blocking(fd: int, deadline: float) -> bytes:
     """One frame from `fd` before the monotonic `deadline`; WorkerStartError on EOF or time-out."""
+    patience = deadline - time.monotonic()
     buffer = b""
     need = FRAME.size
     header_done = False
@@ -144,7 +145,7 @@ def _read_frame_blocking(fd: int, deadline: float) -> bytes:
         while len(buffer) < need:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise WorkerStartError(f"did not answer within {START_WALL_S:g} s")
+                raise WorkerStartError(f"did not answer within {patience:.0f} s")
             chunk = os.read(fd, 65536)
             if not chunk:
                 raise WorkerStartError("exited before it was ready")
@@ -198,7 +199,10 @@ class WorkerProcess:
             with contextlib.suppress(BrokenPipeError):  # it died at once; reading says how
                 os.write(proc.stdin.fileno(), encode(setup))
             try:
-                frame = _read_frame_blocking(proc.stdout.fileno(), time.monotonic() + START_WALL_S)
+                # The start, and the files' top levels within their CPU limit (each alone, then together,
+                # when validating), which many files can take past START_WALL_S on their own.
+                patience = START_WALL_S + (LOAD_CPU_S * (2 * len(scripts) + 1) if validate else 0)
+                frame = _read_frame_blocking(proc.stdout.fileno(), time.monotonic() + patience)
             except WorkerStartError as error:
                 proc.kill()
                 returncode = proc.wait()

@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, cast
 
@@ -39,7 +39,12 @@ from aiosmtplib.email import quote_address
 
 from outbound_relay.config import AuthType, TlsMode, TlsSettings
 from outbound_relay.dsn_params import NO_MAIL_DSN, NO_RCPT_DSN, MailDsn, RcptDsn
-from outbound_relay.errors import RouteMisconfigured, UpstreamAuthFailed, UpstreamUnavailable
+from outbound_relay.errors import (
+    DeliveryUncertain,
+    RouteMisconfigured,
+    UpstreamAuthFailed,
+    UpstreamUnavailable,
+)
 from outbound_relay.message import address_defect
 from outbound_relay.metrics import AuthResult, RelayMetrics
 from outbound_relay.oauth2 import TokenProvider
@@ -114,8 +119,9 @@ class Transaction:
 
     @property
     def size(self) -> int | None:
-        """The message's size as MAIL's SIZE= gives it: the content's, once there; else the client's."""
-        return len(self.content) if self.content else self.declared_size
+        """The message's size as MAIL's SIZE= gives it: the content's as it goes out (line ends made
+        CRLF), once there; else the client's declared one."""
+        return len(normalise_line_ends(self.content)) if self.content else self.declared_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +259,7 @@ class UpstreamSession:
         self.eight_bit_mime = False  # the server offers 8BITMIME
         self.smtputf8 = False  # the server offers SMTPUTF8 (RFC 6531)
         self.chunking = False  # the server offers CHUNKING: BDAT (RFC 3030)
+        self._content_sent = False  # the current transaction's message went out: a failure now is uncertain
         self.dsn = False  # the server offers DSN (RFC 3461): the client's DSN parameters go to it
         self._smtp = smtp
         self._transport: asyncio.WriteTransport | None = None
@@ -496,46 +503,19 @@ class UpstreamSession:
             )
         return None
 
-    async def send(self, message: Transaction) -> Sent:
+    async def send(self, message: Transaction, *, defer: bool = True) -> Sent:
         """MAIL, RCPT, DATA: the upstream's reply to the message, or the refusal to pass on. With
         PIPELINING the commands, DATA included, go out in one write and their replies are read after it
-        (RFC 2920). Recipients the upstream refuses for good while it accepts others are left out and
-        named in the result: the others get the message (docs/delivery.md, "Recipients the upstream
-        refuses"). A recipient refused for now defers the whole message, before anything is sent.
-        Recipients over the upstream's own cap (`452 4.5.3`) go in further transactions, at once, as
-        RFC 5321 4.5.3.1.10 asks of a client.
+        (RFC 2920). Recipients the upstream refuses while it accepts others are left out and named in
+        the result: the others get the message (docs/delivery.md, "Recipients the upstream refuses").
+        `defer`: a recipient refused for now (not for being over the upstream's cap, `over_cap`) defers
+        the whole message, before anything is sent; else it is one of the refused.
 
-        Raises StaleSession when a reused session fails before anything reached the upstream, and
-        UpstreamUnavailable when the connection fails otherwise."""
-        sent = await self._send_once(message, defer=True)
-        if not sent.reply.is_positive:
-            return sent
-        accepted_reply, settled = sent.reply, []  # the first transaction's 250; refusals for good so far
-        batch, indices = message, list(range(len(message.rcpt_tos)))  # its recipients' places in `message`
-        while True:
-            # Refusals come in the order of this transaction's RCPTs: each is matched to its RCPT.
-            refused = _refused_at(batch.rcpt_tos, sent.refused)
-            settled += [(batch.rcpt_tos[at], reply) for at, reply in refused if not _over_cap(reply)]
-            over = [indices[at] for at, reply in refused if _over_cap(reply)]
-            if not over:
-                return Sent(accepted_reply, tuple(settled))
-            batch, indices = (
-                replace(
-                    message,
-                    rcpt_tos=tuple(message.rcpt_tos[index] for index in over),
-                    rcpt_dsn=tuple(message.dsn_of(index) for index in over),
-                ),
-                over,
-            )
-            try:
-                # The first recipients have the message: no deferral of the rest, which would make the app
-                # send it to them all again; those refused for now are reported with the others.
-                sent = await self._send_once(batch, defer=False)
-            except (StaleSession, UpstreamUnavailable) as error:
-                lost = Reply.of(451, "4.4.1", f"upstream {self.key} failed before these were sent: {error}")
-                return Sent(accepted_reply, (*settled, *((rcpt, lost) for rcpt in batch.rcpt_tos)))
-            if not sent.reply.is_positive:  # none of them taken (so each round takes one at least)
-                return Sent(accepted_reply, (*settled, *((rcpt, sent.reply) for rcpt in batch.rcpt_tos)))
+        Raises StaleSession when a reused session fails before anything reached the upstream,
+        DeliveryUncertain when the connection fails after the message was sent, and UpstreamUnavailable
+        when it fails otherwise (nothing was delivered)."""
+        self._content_sent = False
+        return await self._send_once(message, defer=defer)
 
     async def _send_once(self, message: Transaction, *, defer: bool) -> Sent:
         if (refusal := self._cannot_carry(message)) is not None:
@@ -562,9 +542,14 @@ class UpstreamSession:
             return Sent(closing.reply)  # a transient refusal, passed on as it is
         except OSError as error:
             self.broken = True
+            reason = error or type(error).__name__
+            if self._content_sent:
+                raise DeliveryUncertain(
+                    f"upstream {self.key} failed after the message was sent ({reason}): it may have been "
+                    "delivered"
+                ) from None
             raise UpstreamUnavailable(
-                f"upstream {self.key} failed during the transaction ({error or type(error).__name__}); "
-                "if DATA was sent, the message may have been delivered"
+                f"upstream {self.key} failed during the transaction, before the message was sent ({reason})"
             ) from None
 
     async def _after_mail(
@@ -581,7 +566,7 @@ class UpstreamSession:
                 if reply.code not in _RCPT_ACCEPTED:
                     refused.append((rcpt, reply))
         data_reply = await self._read() if self.pipelining else None
-        deferred = [(rcpt, reply) for rcpt, reply in refused if reply.is_transient and not _over_cap(reply)]
+        deferred = [(rcpt, reply) for rcpt, reply in refused if reply.is_transient and not over_cap(reply)]
         if defer and mail_accepted and deferred and len(refused) < len(rcpts):
             # Some recipients refused for now: no message for the others either, so that the app's retry
             # of the whole message gives nobody a second copy (and a temporary refusal stays temporary).
@@ -614,6 +599,7 @@ class UpstreamSession:
         if data_reply.code != SMTPStatus.start_input:
             await self._reset()
             return refused_reply(data_reply, "DATA")
+        self._content_sent = True
         self._write(encode_data(content))
         # Written to the transport's buffer at once: the wait covers sending the body and the verdict.
         final = await self._read(self.data_timeout)
@@ -805,7 +791,7 @@ def _refusal(refused: list[tuple[str, Reply]], total: int) -> Reply:
     )
 
 
-def _refused_at(rcpt_tos: tuple[str, ...], refused: tuple[tuple[str, Reply], ...]) -> list[tuple[int, Reply]]:
+def refused_at(rcpt_tos: tuple[str, ...], refused: tuple[tuple[str, Reply], ...]) -> list[tuple[int, Reply]]:
     """The index in `rcpt_tos` of each refused recipient: refusals come in the order of the RCPTs, so a
     recipient given twice is matched to the right one of its RCPTs."""
     found, start = [], 0
@@ -816,7 +802,7 @@ def _refused_at(rcpt_tos: tuple[str, ...], refused: tuple[tuple[str, Reply], ...
     return found
 
 
-def _over_cap(reply: Reply) -> bool:
+def over_cap(reply: Reply) -> bool:
     """A RCPT refused because the transaction has as many recipients as the upstream takes in one: RFC
     5321 4.5.3.1.10's `452` (RFC 3463 `4.5.3`), which the client answers with another transaction."""
     return reply.code == 452 and (

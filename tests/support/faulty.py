@@ -26,6 +26,8 @@ class Faults:
     size: int = 100_000_000  # advertised as SIZE (RFC 1870)
     chunking: bool = False  # advertise CHUNKING and take BDAT (RFC 3030)
     dsn: bool = False  # advertise DSN (RFC 3461); its parameters are only recorded, in `commands`
+    close_at_mail: int | None = None  # answer the Nth MAIL of a connection 421 and close (a message cap)
+    final_delays: dict[int, float] = field(default_factory=dict)  # the Nth final reply (from 1) waits so long
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class FaultyUpstream:
         self.messages: list[Message] = []
         self.commands: list[bytes] = []
         self.connections = 0
+        self.finals = 0  # final replies to a message so far, on every connection
         self._server: asyncio.Server | None = None
 
     @property
@@ -79,6 +82,7 @@ class FaultyUpstream:
         await self._reply(writer, "greeting", [b"220 faulty.test ESMTP"])
         mail_from: bytes | None = None
         rcpts: list[bytes] = []
+        mails = 0
         while line := await reader.readline():
             self.commands.append(line)
             verb = line[:4].upper().rstrip(b"\r\n").decode("ascii", "replace")
@@ -94,6 +98,9 @@ class FaultyUpstream:
                 await self._reply(writer, "EHLO", [*ehlo, b"250 SMTPUTF8"])
             elif verb == "STAR":
                 await self._reply(writer, "STARTTLS", [b"454 4.7.0 TLS not available due to local problem"])
+            elif verb == "MAIL" and faults.close_at_mail == (mails := mails + 1):
+                await self._reply(writer, "MAIL", [b"421 4.7.0 Too many messages on this connection"])
+                return
             elif verb == "MAIL":
                 mail_from, rcpts = arg.partition(b":")[2].split(b" ")[0], []
                 await self._reply(writer, "MAIL", [b"250 2.1.0 Ok"])
@@ -116,6 +123,8 @@ class FaultyUpstream:
                 if data is None:
                     return  # dropped mid-DATA
                 self.messages.append(Message(mail_from or b"", tuple(rcpts), data))
+                self.finals += 1
+                await asyncio.sleep(faults.final_delays.get(self.finals, 0))
                 await self._reply(writer, ".", [b"250 2.0.0 Ok: queued"])
                 mail_from, rcpts = None, []
             elif verb == "BDAT" and faults.chunking:

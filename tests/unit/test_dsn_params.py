@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import email
 import re
+import time
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,7 +24,7 @@ from outbound_relay.dsn_params import (
     xtext_decode,
 )
 from tests.support.faulty import Faults, FaultyUpstream, Message, plain_policy
-from tests.support.relay import raw_session, running_relay, write_config
+from tests.support.relay import message, raw_session, running_relay, write_config
 
 _XTEXT_CHARS = st.characters(min_codepoint=33, max_codepoint=126).filter(lambda c: c not in "+=")
 # Escapes of printable octets only: a value decoding to anything else is refused (RFC 3461 4.2, 4.4).
@@ -220,6 +222,32 @@ async def test_no_relayed_report_for_a_message_the_upstream_refused(
             replies = await raw_session(relay.port, _transaction())
     assert replies[-2].startswith(b"554 5.7.1"), replies
     assert _reports(up) == []
+
+
+async def test_a_relayed_report_in_pass_through_goes_on_the_held_session(config_path: Path) -> None:
+    """One connection allowed and another app waiting for it: the report goes on the session that carried
+    the message before it is given back, not behind the other app's transaction."""
+    async with FaultyUpstream() as up:
+        write_config(
+            config_path,
+            {"policies": [plain_policy(up.port, maxConnections=1)], "upstream": {"timeoutSeconds": 1.5}},
+        )
+        async with (
+            running_relay(config_path) as relay,
+            aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as first,
+            aiosmtplib.SMTP(hostname="127.0.0.1", port=relay.port, start_tls=False) as second,
+        ):
+            await first.mail("app@example.org")
+            await first.execute_command(b"RCPT", b"TO:<ok@example.net>", b"NOTIFY=SUCCESS")
+            await second.mail("b@example.org")
+            waiting = asyncio.create_task(second.execute_command(b"RCPT", b"TO:<y@example.net>"))
+            await asyncio.sleep(0.2)  # the second app's RCPT waits for the one connection
+            started = time.monotonic()
+            reply = await first.data(message())
+            took = time.monotonic() - started
+            assert (await waiting).code == 250
+    assert reply.code == 250 and took < 1, (reply, took)
+    assert len(_reports(up)) == 1, up.messages
 
 
 async def test_no_relayed_report_unless_notify_asks_for_success(config_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from outbound_relay.cli import _setup_logging
+from outbound_relay.session import normalise_line_ends
 from tests.support.faulty import Faults, FaultyUpstream, plain_policy
 from tests.support.relay import as_data, message, raw_session, running_relay, submit, write_config
 
@@ -78,6 +79,26 @@ async def test_size_reaches_the_upstream_and_its_smaller_size_refuses_a_declared
     assert content.code == 250 and mails[1] == b"MAIL FROM:<app@example.org> BODY=8BITMIME SIZE=%d" % len(
         message()
     ), mails
+
+
+async def test_size_counts_the_message_as_it_goes_out(config_path: Path) -> None:
+    """Bare LFs become CRLF on the way out: SIZE= and the upstream's limit count the message so."""
+    content = b"Subject: s\n\n" + b"x\n" * 100 + b"end\r\n"
+    bulk = {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "u", "password": "p"}
+    async with FaultyUpstream(Faults(size=250)) as up:
+        write_config(config_path, {"policies": [plain_policy(up.port), bulk]})
+        async with running_relay(config_path) as relay:
+            replies = await raw_session(
+                relay.port,
+                b"EHLO app\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+                + content
+                + b".\r\n",
+            )
+    assert len(content) < 250 < len(normalise_line_ends(content))
+    assert _finals(replies)[-2].startswith(
+        b"552 5.3.4 message of %d octets" % len(normalise_line_ends(content))
+    )
+    assert up.messages == []
 
 
 async def test_a_line_over_1000_octets_gets_a_clear_5xx_not_an_opaque_500(config_path: Path) -> None:

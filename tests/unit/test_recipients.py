@@ -9,6 +9,7 @@ import asyncio
 import email
 import email.message
 import logging
+import time
 from pathlib import Path
 
 import aiosmtplib
@@ -211,6 +212,68 @@ async def test_content_dependent_a_recipient_given_twice_gets_the_message_once(c
     assert outcome.code == 250, outcome
     delivered = sorted(rcpt for m in up.messages for rcpt in m.rcpt_tos)
     assert delivered == sorted([OK.encode(), PERM.encode(), b"third@example.net"])
+
+
+async def test_content_dependent_a_follow_up_refused_at_mail_goes_on_a_new_connection(
+    config_path: Path,
+) -> None:
+    """An upstream that takes one message per connection answers the follow-up's MAIL with 421: nothing of
+    it was delivered, so it goes again on a new connection, and every recipient gets the message once."""
+    rcpts = [f"r{n}@example.net" for n in range(4)]
+    async with FaultyUpstream(Faults(max_rcpts=2, close_at_mail=2)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, rcpts, message())
+    assert outcome.code == 250 and "refused" not in outcome.reply[1], outcome
+    assert [m.rcpt_tos for m in up.messages] == [
+        tuple(r.encode() for r in rcpts[:2]),
+        tuple(r.encode() for r in rcpts[2:]),
+    ]
+    assert up.connections == 2 and _dsns(up) == []
+
+
+async def test_content_dependent_a_follow_up_lost_after_its_message_went_out_is_not_reported_failed(
+    config_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The session fails after the follow-up's message was sent, before the verdict: its recipients may
+    have it, so no DSN calls them failed (the sender would send it again); a warning says so."""
+    faults = Faults(max_rcpts=1, final_delays={2: 3.0})
+    async with FaultyUpstream(faults) as up:
+        write_config(
+            config_path, {"policies": _content_dependent(up.port), "upstream": {"dataTimeoutSeconds": 1}}
+        )
+        async with running_relay(config_path) as relay:
+            with caplog.at_level(logging.WARNING):
+                outcome = await submit(relay.port, ["r0@example.net", "r1@example.net"], message())
+    assert outcome.code == 250 and "refused" not in outcome.reply[1], outcome
+    assert [m.rcpt_tos for m in up.messages] == [(b"r0@example.net",), (b"r1@example.net",)]  # both arrived
+    assert _dsns(up) == []
+    assert any("they may have it, and no DSN names them" in r.getMessage() for r in caplog.records), (
+        caplog.text
+    )
+
+
+async def test_content_dependent_follow_ups_stop_in_time_and_the_rest_are_told_to_the_sender(
+    config_path: Path,
+) -> None:
+    """Follow-ups take at most upstream.timeoutSeconds in all: an app waiting for its reply to DATA must
+    not time out and send the message again to those who have it."""
+    rcpts = [f"r{n}@example.net" for n in range(8)]
+    async with FaultyUpstream(Faults(max_rcpts=1, delays={".": 0.4})) as up:
+        write_config(
+            config_path, {"policies": _content_dependent(up.port), "upstream": {"timeoutSeconds": 1}}
+        )
+        async with running_relay(config_path) as relay:
+            started = time.monotonic()
+            outcome = await submit(relay.port, rcpts, message())
+            took = time.monotonic() - started
+    delivered = [m.rcpt_tos for m in up.messages if not m.mail_from.startswith(b"<>")]
+    assert outcome.code == 250 and f"of {len(rcpts)} recipients" in outcome.reply[1], outcome
+    assert 2 <= len(delivered) < len(rcpts), delivered
+    [dsn] = _dsns(up)
+    text = dsn.data.decode()
+    assert text.count("Action: failed") == len(rcpts) - len(delivered) and "Status: 4.4.7" in text, text
+    assert took < 4, took
 
 
 async def test_content_dependent_all_refused_is_one_reply_and_no_dsn(config_path: Path) -> None:
