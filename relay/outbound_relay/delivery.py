@@ -621,7 +621,7 @@ class RelayHandler:
             refused = {rcpt for rcpt, _ in sent.refused}
             entries += [
                 Entry(rcpt, Action.RELAYED, sent.reply, dsn_of.get(rcpt, NO_RCPT_DSN))
-                for rcpt in message.rcpt_tos
+                for rcpt in dict.fromkeys(message.rcpt_tos)  # a recipient given twice is reported once
                 if rcpt not in refused
             ]
         wanted = requested(entries)

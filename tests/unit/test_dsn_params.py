@@ -204,6 +204,22 @@ async def test_an_upstream_without_dsn_gets_no_parameters_and_the_relay_reports_
     assert up.connections == 1
 
 
+async def test_a_recipient_given_twice_is_reported_once(config_path: Path) -> None:
+    rcpt = b"RCPT TO:<ok@example.net> NOTIFY=SUCCESS\r\n"
+    async with FaultyUpstream() as up:
+        write_config(config_path, {"policies": [plain_policy(up.port)]})
+        async with running_relay(config_path) as relay:
+            await raw_session(
+                relay.port,
+                b"EHLO app\r\nMAIL FROM:<app@example.org>\r\n"
+                + rcpt
+                + rcpt
+                + b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n",
+            )
+    [report] = _reports(up)
+    assert report.data.decode().count("Final-Recipient: rfc822;ok@example.net") == 1
+
+
 def _content_dependent(port: int) -> list[dict[str, object]]:
     return [
         plain_policy(port),
