@@ -58,6 +58,7 @@ _INTERNAL_ERROR = Reply.of(451, "4.3.0", "Internal error in the relay; try again
 
 
 _UNSENDABLE = "553 5.1.3 Address has characters that cannot be sent in an SMTP command"
+_CLOSED = Reply.of(451, "4.4.1", "not sent: the upstream closed the session, twice")
 _ANOTHER_ROUTE = "452 4.5.3 Recipient takes another upstream route; send it in a new transaction"
 # aiosmtpd's own answers when a handler hook gives none.
 _RSET_OK, _QUIT_OK = "250 OK", "221 Bye"
@@ -549,36 +550,43 @@ class RelayHandler:
         record.upstream = str(UpstreamKey.of(route))
         loop = asyncio.get_running_loop()
         batches = Batches(message, deadline=loop.time() + self.pool.timeout)
-        fresh = False
+        fresh, last = False, None
         while True:
-            async with self.pool.lease(route, fresh=fresh) as session:
-                while batches.batch is not None and session.usable:
-                    try:
-                        sent = await session.send(batches.batch, defer=batches.first)
-                    except StaleSession:  # a pooled session the upstream had closed: nothing was sent
-                        if batches.first:
-                            record.attempt = 2
-                        elif batches.retried:
-                            batches.lost(
-                                Reply.of(451, "4.4.1", "not sent: the upstream closed"), maybe_delivered=False
-                            )
-                        else:
-                            batches.retried = True
-                        break
-                    except UpstreamUnavailable as error:
-                        if batches.first:
-                            raise  # nobody has it: the app hears it and sends it again
-                        uncertain = isinstance(error, DeliveryUncertain)
-                        if uncertain or batches.retried:
-                            batches.lost(error.reply, maybe_delivered=uncertain)
-                        else:
-                            batches.retried = True  # nothing of it was delivered (a 421 at MAIL, say)
-                        break
-                    batches.took(sent, loop.time())
-                if batches.batch is None and session.usable:
-                    return await self._finished(session, route, batches, record, held=True)
+            try:
+                async with self.pool.lease(route, fresh=fresh) as session:
+                    last = session
+                    while batches.batch is not None and session.usable:
+                        try:
+                            sent = await session.send(batches.batch, defer=batches.first)
+                        except StaleSession:  # a pooled session the upstream had closed: nothing was sent
+                            if batches.first:
+                                record.attempt = 2
+                            elif batches.retried:
+                                batches.lost(_CLOSED, maybe_delivered=False)
+                            else:
+                                batches.retried = True
+                            break
+                        except UpstreamUnavailable as error:
+                            if batches.first:
+                                raise  # nobody has it: the app hears it and sends it again
+                            uncertain = isinstance(error, DeliveryUncertain)
+                            if uncertain or batches.retried:
+                                batches.lost(error.reply, maybe_delivered=uncertain)
+                            else:
+                                batches.retried = True  # nothing of it was delivered (a 421 at MAIL, say)
+                            break
+                        batches.took(sent, loop.time())
+                    if batches.batch is None and session.usable:
+                        return await self._finished(session, route, batches, record, held=True)
+            except RelayError as error:
+                if batches.first or last is None:
+                    raise
+                # No new session for a further transaction (unreachable, AUTH refused): the first
+                # recipients have the message, so the app hears its 250 and the sender of the rest.
+                batches.lost(error.reply, maybe_delivered=False)
             if batches.batch is None:
-                return await self._finished(session, route, batches, record, held=False)
+                assert last is not None
+                return await self._finished(last, route, batches, record, held=False)
             fresh = True  # what is left goes on a new session, once the old one is given back
 
     async def _finished(

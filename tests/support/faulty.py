@@ -27,6 +27,7 @@ class Faults:
     chunking: bool = False  # advertise CHUNKING and take BDAT (RFC 3030)
     dsn: bool = False  # advertise DSN (RFC 3461); its parameters are only recorded, in `commands`
     close_at_mail: int | None = None  # answer the Nth MAIL of a connection 421 and close (a message cap)
+    connections: int | None = None  # greet connections past this many with 554 (no more sessions)
     final_delays: dict[int, float] = field(default_factory=dict)  # the Nth final reply (from 1) waits so long
 
 
@@ -79,6 +80,9 @@ class FaultyUpstream:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         faults = self.faults
+        if faults.connections is not None and self.connections > faults.connections:
+            await self._reply(writer, "greeting", [b"554 5.3.2 No more sessions for you"])
+            return
         await self._reply(writer, "greeting", [b"220 faulty.test ESMTP"])
         mail_from: bytes | None = None
         rcpts: list[bytes] = []

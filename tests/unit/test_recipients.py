@@ -232,6 +232,20 @@ async def test_content_dependent_a_follow_up_refused_at_mail_goes_on_a_new_conne
     assert up.connections == 2 and _dsns(up) == []
 
 
+async def test_content_dependent_a_follow_up_without_a_new_connection_keeps_the_apps_250(
+    config_path: Path,
+) -> None:
+    """The first recipients have the message; the rest find no new session (the upstream refuses it): the
+    app still hears 250, not a 4xx that would send the message again to those who have it."""
+    rcpts = [f"r{n}@example.net" for n in range(4)]
+    async with FaultyUpstream(Faults(max_rcpts=2, close_at_mail=2, connections=1)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, rcpts, message())
+    assert outcome.code == 250 and "refused 2 of 4 recipients" in outcome.reply[1], outcome
+    assert [m.rcpt_tos for m in up.messages] == [(b"r0@example.net", b"r1@example.net")]
+
+
 async def test_content_dependent_a_follow_up_lost_after_its_message_went_out_is_not_reported_failed(
     config_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
