@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from outbound_relay.reply import Reply
 from outbound_relay.session import Sent, Transaction, over_cap, refused_at
 
-# Further transactions after the first may take this many seconds in all; the rest are then reported
+# Further transactions start only within a budget after the first one ended; the rest are then reported
 # to the sender, so that the app's reply to DATA does not wait past its own timeout (which would make it
 # send the message again to those who have it).
 LATE = Reply.of(451, "4.4.7", "not sent: the relay's time for further transactions ran out")
@@ -19,7 +19,7 @@ LATE = Reply.of(451, "4.4.7", "not sent: the relay's time for further transactio
 @dataclass
 class Batches:
     message: Transaction
-    deadline: float  # the loop's time after which no further transaction starts
+    budget: float  # seconds after the first transaction's end in which further ones may start
     batch: Transaction | None = None  # the transaction to send next; None when all are done
     indices: list[int] = field(default_factory=list)  # its recipients' places in `message`
     first: bool = True  # the batch is the first transaction: it may be deferred, or fail, as a whole
@@ -27,6 +27,7 @@ class Batches:
     settled: list[tuple[str, Reply]] = field(default_factory=list)  # refused, and so told to the sender
     uncertain: list[str] = field(default_factory=list)  # in a transaction lost after its message went out
     retried: bool = False  # the batch was tried on a new session already
+    deadline: float = 0.0  # the loop's time after which no further transaction starts
 
     def __post_init__(self) -> None:
         self.batch, self.indices = self.message, list(range(len(self.message.rcpt_tos)))
@@ -36,7 +37,7 @@ class Batches:
         assert self.batch is not None
         batch, self.retried = self.batch, False
         if self.first:
-            self.first, self.reply = False, sent.reply
+            self.first, self.reply, self.deadline = False, sent.reply, now + self.budget
             if not sent.reply.is_positive:  # nobody got it: the app hears this, and nobody else anything
                 self.batch = None
                 return

@@ -494,7 +494,7 @@ class RelayHandler:
                 dsn=transaction.dsn,
                 rcpt_dsn=tuple(transaction.rcpt_dsn),
             )
-            return await self._send(route, message, record)
+            return _not_closing(await self._send(route, message, record))
         except RelayError as error:
             level = logging.WARNING if error.temporary else logging.INFO
             log.log(level, "transaction for %d recipient(s) not delivered: %s", len(envelope.rcpt_tos), error)
@@ -549,12 +549,19 @@ class RelayHandler:
         owed, through the last session while its lease is held, else through a new one."""
         record.upstream = str(UpstreamKey.of(route))
         loop = asyncio.get_running_loop()
-        batches = Batches(message, deadline=loop.time() + self.pool.timeout)
+        batches = Batches(message, budget=self.pool.timeout)
         fresh, last = False, None
         while True:
             try:
                 async with self.pool.lease(route, fresh=fresh) as session:
                     last = session
+                    if not session.usable:  # closed as it was handed over (after EHLO or AUTH, say)
+                        if batches.first and fresh:
+                            raise UpstreamUnavailable(f"upstream {session.key} closed the session at once")
+                        if not batches.first:
+                            if batches.retried:
+                                batches.lost(_CLOSED, maybe_delivered=False)
+                            batches.retried = True
                     while batches.batch is not None and session.usable:
                         try:
                             sent = await session.send(batches.batch, defer=batches.first)
@@ -574,6 +581,9 @@ class RelayHandler:
                                 batches.lost(error.reply, maybe_delivered=uncertain)
                             else:
                                 batches.retried = True  # nothing of it was delivered (a 421 at MAIL, say)
+                            break
+                        if sent.reply.code == 421 and not batches.first and not batches.retried:
+                            batches.retried = True  # closing before it took the message: once more, anew
                             break
                         batches.took(sent, loop.time())
                     if batches.batch is None and session.usable:
@@ -600,7 +610,15 @@ class RelayHandler:
                 session.key,
                 len(batches.uncertain),
             )
-        return await self._tell_sender(session, route, batches.message, batches.sent(), record, held=held)
+        return await self._tell_sender(
+            session,
+            route,
+            batches.message,
+            batches.sent(),
+            record,
+            held=held,
+            unsure=frozenset(batches.uncertain),
+        )
 
     async def _tell_sender(
         self,
@@ -611,6 +629,7 @@ class RelayHandler:
         record: Record,
         *,
         held: bool,
+        unsure: frozenset[str] = frozenset(),
     ) -> Reply:
         """The app's reply to a message the upstream took, once the sender has the DSN it asked for: of
         the recipients the upstream refused while it took the message for others (`failed`), and, when
@@ -626,7 +645,7 @@ class RelayHandler:
             Entry(rcpt, Action.FAILED, reply, dsn_of.get(rcpt, NO_RCPT_DSN)) for rcpt, reply in sent.refused
         ]
         if not upstream.dsn:
-            refused = {rcpt for rcpt, _ in sent.refused}
+            refused = {rcpt for rcpt, _ in sent.refused} | unsure  # unsure: lost after the message went out
             entries += [
                 Entry(rcpt, Action.RELAYED, sent.reply, dsn_of.get(rcpt, NO_RCPT_DSN))
                 for rcpt in dict.fromkeys(message.rcpt_tos)  # a recipient given twice is reported once

@@ -121,7 +121,7 @@ class Transaction:
     def size(self) -> int | None:
         """The message's size as MAIL's SIZE= gives it: the content's as it goes out (line ends made
         CRLF), once there; else the client's declared one."""
-        return len(normalise_line_ends(self.content)) if self.content else self.declared_size
+        return normalised_size(self.content) if self.content else self.declared_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,8 +599,8 @@ class UpstreamSession:
         if data_reply.code != SMTPStatus.start_input:
             await self._reset()
             return refused_reply(data_reply, "DATA")
-        self._content_sent = True
         self._write(encode_data(content))
+        self._content_sent = True  # only now: a write that failed sent nothing
         # Written to the transport's buffer at once: the wait covers sending the body and the verdict.
         final = await self._read(self.data_timeout)
         if final.is_positive:
@@ -656,7 +656,7 @@ class UpstreamSession:
     async def finish(self, content: bytes) -> Reply:
         """DATA and the message in a begun transaction with at least one accepted recipient: the
         upstream's final reply, or its refusal (then the transaction is reset)."""
-        if self.size_limit and len(content) > self.size_limit:
+        if self.size_limit and normalised_size(content) > self.size_limit:
             await self.abort()
             refusal = self._cannot_carry(Transaction("", (), content))
             assert refusal is not None
@@ -722,6 +722,14 @@ async def auth_xoauth2(smtp: aiosmtplib.SMTP, user: str, token: str) -> None:
         response = await smtp.execute_command(b"")
     if response.code != SMTPStatus.auth_successful:
         raise aiosmtplib.SMTPAuthenticationError(response.code, response.message)
+
+
+def normalised_size(content: bytes) -> int:
+    """len(normalise_line_ends(content)), without a copy of a message whose line ends are all CRLF."""
+    crlf = content.count(b"\r\n")
+    if crlf == content.count(b"\r") == content.count(b"\n"):
+        return len(content) + (2 if content and not content.endswith(b"\r\n") else 0)
+    return len(normalise_line_ends(content))
 
 
 def normalise_line_ends(content: bytes) -> bytes:

@@ -28,6 +28,7 @@ class Faults:
     dsn: bool = False  # advertise DSN (RFC 3461); its parameters are only recorded, in `commands`
     close_at_mail: int | None = None  # answer the Nth MAIL of a connection 421 and close (a message cap)
     connections: int | None = None  # greet connections past this many with 554 (no more sessions)
+    close_after_ehlo: bool = False  # close each connection right after answering EHLO
     final_delays: dict[int, float] = field(default_factory=dict)  # the Nth final reply (from 1) waits so long
 
 
@@ -100,6 +101,8 @@ class FaultyUpstream:
                 if faults.dsn:
                     ehlo.append(b"250-DSN")
                 await self._reply(writer, "EHLO", [*ehlo, b"250 SMTPUTF8"])
+                if faults.close_after_ehlo:
+                    return
             elif verb == "STAR":
                 await self._reply(writer, "STARTTLS", [b"454 4.7.0 TLS not available due to local problem"])
             elif verb == "MAIL" and faults.close_at_mail == (mails := mails + 1):

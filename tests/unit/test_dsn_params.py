@@ -227,6 +227,27 @@ def _content_dependent(port: int) -> list[dict[str, object]]:
     ]
 
 
+async def test_a_recipient_whose_transaction_was_lost_after_its_message_went_out_is_not_reported_relayed(
+    config_path: Path,
+) -> None:
+    notify = b" NOTIFY=SUCCESS\r\n"
+    commands = (
+        b"EHLO app\r\nMAIL FROM:<app@example.org>\r\n"
+        + b"RCPT TO:<r0@example.net>" + notify + b"RCPT TO:<r1@example.net>" + notify
+        + b"DATA\r\nSubject: x\r\n\r\nx\r\n.\r\n"
+    )  # fmt: skip
+    async with FaultyUpstream(Faults(max_rcpts=1, final_delays={2: 3.0})) as up:
+        write_config(
+            config_path, {"policies": _content_dependent(up.port), "upstream": {"dataTimeoutSeconds": 1}}
+        )
+        async with running_relay(config_path) as relay:
+            replies = await raw_session(relay.port, commands)
+    assert replies[-2].startswith(b"250 "), replies
+    [report] = _reports(up)
+    text = report.data.decode()
+    assert "Final-Recipient: rfc822;r0@example.net" in text and "r1@example.net" not in text, text
+
+
 @pytest.mark.parametrize("content_dependent", [False, True])
 async def test_no_relayed_report_for_a_message_the_upstream_refused(
     config_path: Path, content_dependent: bool

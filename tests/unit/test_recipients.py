@@ -246,6 +246,49 @@ async def test_content_dependent_a_follow_up_without_a_new_connection_keeps_the_
     assert [m.rcpt_tos for m in up.messages] == [(b"r0@example.net", b"r1@example.net")]
 
 
+async def test_an_upstream_that_closes_each_new_session_at_once_is_a_451_not_a_loop(
+    config_path: Path,
+) -> None:
+    async with FaultyUpstream(Faults(close_after_ehlo=True)) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await asyncio.wait_for(submit(relay.port, [OK], message()), 10)
+    assert outcome.code == 451 and "closed the session at once" in outcome.reply[1], outcome
+    assert up.connections == 2, up.connections
+
+
+async def test_content_dependent_a_follow_up_whose_upstream_closes_at_rcpt_goes_once_more_anew(
+    config_path: Path,
+) -> None:
+    """A 421 at a further transaction's RCPT: the upstream took nothing of it, so it goes once more on a
+    new connection; refused so again, its recipients are told to the sender."""
+    rcpts = [f"r{n}@example.net" for n in range(4)]
+    faults = Faults(max_rcpts=2, refuse_rcpts={rcpts[2]: b"421 4.7.0 Closing, try later"})
+    async with FaultyUpstream(faults) as up:
+        write_config(config_path, {"policies": _content_dependent(up.port)})
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, rcpts, message())
+    assert outcome.code == 250 and "refused 2 of 4 recipients" in outcome.reply[1], outcome
+    tried = [c for c in up.commands if c.startswith(f"RCPT TO:<{rcpts[2]}>".encode())]
+    assert len(tried) == 3, up.commands  # over the cap in the first, then the follow-up and its retry
+    [dsn] = _dsns(up)
+    assert "Status: 4.7.0" in dsn.data.decode()
+
+
+async def test_content_dependent_a_slow_first_transaction_still_gets_its_follow_ups(
+    config_path: Path,
+) -> None:
+    """The time for further transactions counts from the first one's end, not from its start."""
+    async with FaultyUpstream(Faults(max_rcpts=1, final_delays={1: 1.5})) as up:
+        write_config(
+            config_path, {"policies": _content_dependent(up.port), "upstream": {"timeoutSeconds": 1}}
+        )
+        async with running_relay(config_path) as relay:
+            outcome = await submit(relay.port, ["r0@example.net", "r1@example.net"], message())
+    assert outcome.code == 250 and "refused" not in outcome.reply[1], outcome
+    assert [m.rcpt_tos for m in up.messages] == [(b"r0@example.net",), (b"r1@example.net",)]
+
+
 async def test_content_dependent_a_follow_up_lost_after_its_message_went_out_is_not_reported_failed(
     config_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
