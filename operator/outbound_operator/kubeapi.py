@@ -26,6 +26,18 @@ from outbound_operator.resources import GROUP, MANAGED_BY_LABEL, MANAGER, RENDER
 MAX_CONCURRENT_CALLS = 16
 
 
+def read_or_none(method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+    """A read of the `kubernetes` client (blocking: call it in a thread), as its JSON body; None for 404."""
+    try:
+        response = method(*args, _preload_content=False, **kwargs)
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+    found: dict[str, Any] = json.loads(response.data)
+    return found
+
+
 class ConflictError(RuntimeError):
     """The object changed since it was read (HTTP 409); read it again and retry."""
 

@@ -30,6 +30,8 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from outbound_operator.kubeapi import read_or_none
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_NAME = "outbound-operator"
@@ -183,19 +185,12 @@ class LeaderElector:
     # --- the API calls, in a worker thread ------------------------------------------------------------
 
     def _read(self) -> dict[str, Any] | None:
-        try:
-            response: Any = self.coordination.read_namespaced_lease(
-                self.settings.name,
-                self.settings.namespace,
-                _preload_content=False,
-                _request_timeout=self.settings.retry_period * 2,
-            )
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise
-        found: dict[str, Any] = json.loads(response.data)
-        return found
+        return read_or_none(
+            self.coordination.read_namespaced_lease,
+            self.settings.name,
+            self.settings.namespace,
+            _request_timeout=self.settings.retry_period * 2,
+        )
 
     def _spec(self, *, acquired: datetime, renewed: datetime, transitions: int) -> dict[str, Any]:
         return {

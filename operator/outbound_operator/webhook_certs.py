@@ -17,7 +17,6 @@ import asyncio
 import base64
 import datetime
 import ipaddress
-import json
 import logging
 import os
 import ssl
@@ -34,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from outbound_operator.kubeapi import read_or_none
 
 log = logging.getLogger("outbound_operator.webhook")
 
@@ -453,19 +454,9 @@ class SharedCertificates(SelfManagedCertificates):
     # --- the Secret ---------------------------------------------------------------------------------
 
     async def _read(self) -> dict[str, Any] | None:
-        def call() -> dict[str, Any] | None:
-            try:
-                response: Any = self.core.read_namespaced_secret(
-                    self.secret, self.namespace, _preload_content=False
-                )
-            except ApiException as error:
-                if error.status == 404:
-                    return None
-                raise
-            found: dict[str, Any] = json.loads(response.data)
-            return found
-
-        return await asyncio.to_thread(call)
+        return await asyncio.to_thread(
+            read_or_none, self.core.read_namespaced_secret, self.secret, self.namespace
+        )
 
     def _parse(self, body: Mapping[str, Any]) -> StoredPair | None:
         """The Secret's pair if it is usable (a certificate and key that match, for our names, a bundle
