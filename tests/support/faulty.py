@@ -182,3 +182,12 @@ def plain_policy(port: int, **extra: object) -> dict[str, object]:
         "tls": {"mode": "none"},
         **extra,
     }
+
+
+def content_dependent_policies(port: int) -> list[dict[str, object]]:
+    """A catch-all policy for a FaultyUpstream and a binding's own credentials: the route of every
+    recipient waits for the binding header, so the relay answers RCPT itself and sends at DATA."""
+    return [
+        plain_policy(port),
+        {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "bulk", "password": "pw"},
+    ]

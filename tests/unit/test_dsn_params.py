@@ -23,7 +23,7 @@ from outbound_relay.dsn_params import (
     RcptDsn,
     xtext_decode,
 )
-from tests.support.faulty import Faults, FaultyUpstream, Message, plain_policy
+from tests.support.faulty import Faults, FaultyUpstream, Message, content_dependent_policies, plain_policy
 from tests.support.relay import message, raw_session, running_relay, write_config
 
 _XTEXT_CHARS = st.characters(min_codepoint=33, max_codepoint=126).filter(lambda c: c not in "+=")
@@ -220,13 +220,6 @@ async def test_a_recipient_given_twice_is_reported_once(config_path: Path) -> No
     assert report.data.decode().count("Final-Recipient: rfc822;ok@example.net") == 1
 
 
-def _content_dependent(port: int) -> list[dict[str, object]]:
-    return [
-        plain_policy(port),
-        {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "bulk", "password": "pw"},
-    ]
-
-
 async def test_a_recipient_whose_transaction_was_lost_after_its_message_went_out_is_not_reported_relayed(
     config_path: Path,
 ) -> None:
@@ -238,7 +231,8 @@ async def test_a_recipient_whose_transaction_was_lost_after_its_message_went_out
     )  # fmt: skip
     async with FaultyUpstream(Faults(max_rcpts=1, final_delays={2: 3.0})) as up:
         write_config(
-            config_path, {"policies": _content_dependent(up.port), "upstream": {"dataTimeoutSeconds": 1}}
+            config_path,
+            {"policies": content_dependent_policies(up.port), "upstream": {"dataTimeoutSeconds": 1}},
         )
         async with running_relay(config_path) as relay:
             replies = await raw_session(relay.port, commands)
@@ -253,7 +247,7 @@ async def test_no_relayed_report_for_a_message_the_upstream_refused(
     config_path: Path, content_dependent: bool
 ) -> None:
     async with FaultyUpstream(Faults(replies={".": [b"554 5.7.1 Rejected for policy reasons"]})) as up:
-        policies = _content_dependent(up.port) if content_dependent else [plain_policy(up.port)]
+        policies = content_dependent_policies(up.port) if content_dependent else [plain_policy(up.port)]
         write_config(config_path, {"policies": policies})
         async with running_relay(config_path) as relay:
             replies = await raw_session(relay.port, _transaction())
@@ -307,7 +301,7 @@ async def test_a_refused_recipient_is_reported_as_its_notify_and_ret_ask(config_
         + b"DATA\r\nSubject: full\r\n\r\nthe body\r\n.\r\n"
     )
     async with FaultyUpstream(Faults(refuse_rcpts=refusals)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             replies = await raw_session(relay.port, commands)
             only_never = await raw_session(

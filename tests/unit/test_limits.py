@@ -11,7 +11,7 @@ import pytest
 
 from outbound_relay.cli import _setup_logging
 from outbound_relay.session import normalise_line_ends
-from tests.support.faulty import Faults, FaultyUpstream, plain_policy
+from tests.support.faulty import Faults, FaultyUpstream, content_dependent_policies, plain_policy
 from tests.support.relay import as_data, message, raw_session, running_relay, submit, write_config
 
 _LIMITS = {"messageSizeBytes": 100_000, "recipientsPerTransaction": 2, "sessions": 2}
@@ -67,8 +67,7 @@ async def test_size_reaches_the_upstream_and_its_smaller_size_refuses_a_declared
                 + b"DATA\r\n"
                 + as_data(message()),
             )
-        bulk = {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "u", "password": "p"}
-        write_config(config_path, {"policies": [plain_policy(up.port), bulk]})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             content = await submit(relay.port, ["c@example.net"], message())
     rcpt = _finals(over)[-2]
@@ -84,9 +83,8 @@ async def test_size_reaches_the_upstream_and_its_smaller_size_refuses_a_declared
 async def test_size_counts_the_message_as_it_goes_out(config_path: Path) -> None:
     """Bare LFs become CRLF on the way out: SIZE= and the upstream's limit count the message so."""
     content = b"Subject: s\n\n" + b"x\n" * 100 + b"end\r\n"
-    bulk = {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "u", "password": "p"}
     async with FaultyUpstream(Faults(size=250)) as up:
-        write_config(config_path, {"policies": [plain_policy(up.port), bulk]})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             replies = await raw_session(
                 relay.port,

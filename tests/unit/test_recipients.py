@@ -17,19 +17,11 @@ import pytest
 
 from outbound_relay.config import RelayConfig
 from outbound_relay.scopes import ScopeIndex
-from tests.support.faulty import Faults, FaultyUpstream, Message, plain_policy
+from tests.support.faulty import Faults, FaultyUpstream, Message, content_dependent_policies, plain_policy
 from tests.support.relay import message, running_relay, submit, write_config
 
 OK, PERM, TEMP = "ok@example.net", "gone@example.net", "busy@example.net"
 REFUSALS = {PERM: b"550 5.1.1 No such user", TEMP: b"451 4.2.2 Mailbox busy, try later"}
-
-
-def _content_dependent(port: int) -> list[dict[str, object]]:
-    """A catch-all policy and a binding's own credentials: the route waits for the binding header."""
-    return [
-        plain_policy(port),
-        {"name": "t/bulk", "scope": {"binding": "bulk"}, "type": "PLAIN", "user": "bulk", "password": "pw"},
-    ]
 
 
 def _verbs(up: FaultyUpstream) -> list[bytes]:
@@ -121,7 +113,7 @@ async def test_content_dependent_mixed_refusals_deliver_to_the_accepted_and_boun
     config_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, [OK, PERM], message(subject="mixed"))
             metrics = relay.metrics.render().decode()
@@ -155,7 +147,7 @@ async def test_content_dependent_a_recipient_refused_for_now_defers_the_whole_me
     """A 4xx stays a 4xx: nobody gets the message, and the app's retry of it gives nobody a second copy.
     DATA went out pipelined with the RCPTs, so the relay ends it by closing that connection."""
     async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             deferred = await submit(relay.port, [OK, PERM, TEMP], message(subject="deferred"))
             again = await submit(relay.port, [OK, PERM], message(subject="again"))
@@ -175,7 +167,7 @@ async def test_content_dependent_recipients_over_the_upstreams_cap_go_in_further
 ) -> None:
     rcpts = [f"r{n}@example.net" for n in range(5)]
     async with FaultyUpstream(Faults(max_rcpts=2)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, rcpts, message(subject="capped"))
     assert outcome.code == 250 and "refused" not in outcome.reply[1], outcome
@@ -193,7 +185,7 @@ async def test_content_dependent_a_recipient_refused_for_now_in_a_follow_up_is_t
     rcpts = [f"r{n}@example.net" for n in range(5)]
     faults = Faults(max_rcpts=2, refuse_rcpts={rcpts[3]: b"451 4.7.1 Greylisted, try again later"})
     async with FaultyUpstream(faults) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, rcpts, message(subject="greylisted"))
     assert outcome.code == 250 and "refused 1 of 5 recipients" in outcome.reply[1], outcome
@@ -206,7 +198,7 @@ async def test_content_dependent_a_recipient_refused_for_now_in_a_follow_up_is_t
 
 async def test_content_dependent_a_recipient_given_twice_gets_the_message_once(config_path: Path) -> None:
     async with FaultyUpstream(Faults(max_rcpts=2)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, [OK, PERM, OK, "third@example.net"], message())
     assert outcome.code == 250, outcome
@@ -221,7 +213,7 @@ async def test_content_dependent_a_follow_up_refused_at_mail_goes_on_a_new_conne
     it was delivered, so it goes again on a new connection, and every recipient gets the message once."""
     rcpts = [f"r{n}@example.net" for n in range(4)]
     async with FaultyUpstream(Faults(max_rcpts=2, close_at_mail=2)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, rcpts, message())
     assert outcome.code == 250 and "refused" not in outcome.reply[1], outcome
@@ -239,7 +231,7 @@ async def test_content_dependent_a_follow_up_without_a_new_connection_keeps_the_
     app still hears 250, not a 4xx that would send the message again to those who have it."""
     rcpts = [f"r{n}@example.net" for n in range(4)]
     async with FaultyUpstream(Faults(max_rcpts=2, close_at_mail=2, connections=1)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, rcpts, message())
     assert outcome.code == 250 and "refused 2 of 4 recipients" in outcome.reply[1], outcome
@@ -250,7 +242,7 @@ async def test_an_upstream_that_closes_each_new_session_at_once_is_a_451_not_a_l
     config_path: Path,
 ) -> None:
     async with FaultyUpstream(Faults(close_after_ehlo=True)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await asyncio.wait_for(submit(relay.port, [OK], message()), 10)
     assert outcome.code == 451 and "closed the session at once" in outcome.reply[1], outcome
@@ -265,7 +257,7 @@ async def test_content_dependent_a_follow_up_whose_upstream_closes_at_rcpt_goes_
     rcpts = [f"r{n}@example.net" for n in range(4)]
     faults = Faults(max_rcpts=2, refuse_rcpts={rcpts[2]: b"421 4.7.0 Closing, try later"})
     async with FaultyUpstream(faults) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, rcpts, message())
     assert outcome.code == 250 and "refused 2 of 4 recipients" in outcome.reply[1], outcome
@@ -281,7 +273,7 @@ async def test_content_dependent_a_slow_first_transaction_still_gets_its_follow_
     """The time for further transactions counts from the first one's end, not from its start."""
     async with FaultyUpstream(Faults(max_rcpts=1, final_delays={1: 1.5})) as up:
         write_config(
-            config_path, {"policies": _content_dependent(up.port), "upstream": {"timeoutSeconds": 1}}
+            config_path, {"policies": content_dependent_policies(up.port), "upstream": {"timeoutSeconds": 1}}
         )
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, ["r0@example.net", "r1@example.net"], message())
@@ -297,7 +289,8 @@ async def test_content_dependent_a_follow_up_lost_after_its_message_went_out_is_
     faults = Faults(max_rcpts=1, final_delays={2: 3.0})
     async with FaultyUpstream(faults) as up:
         write_config(
-            config_path, {"policies": _content_dependent(up.port), "upstream": {"dataTimeoutSeconds": 1}}
+            config_path,
+            {"policies": content_dependent_policies(up.port), "upstream": {"dataTimeoutSeconds": 1}},
         )
         async with running_relay(config_path) as relay:
             with caplog.at_level(logging.WARNING):
@@ -318,7 +311,7 @@ async def test_content_dependent_follow_ups_stop_in_time_and_the_rest_are_told_t
     rcpts = [f"r{n}@example.net" for n in range(8)]
     async with FaultyUpstream(Faults(max_rcpts=1, delays={".": 0.4})) as up:
         write_config(
-            config_path, {"policies": _content_dependent(up.port), "upstream": {"timeoutSeconds": 1}}
+            config_path, {"policies": content_dependent_policies(up.port), "upstream": {"timeoutSeconds": 1}}
         )
         async with running_relay(config_path) as relay:
             started = time.monotonic()
@@ -335,7 +328,7 @@ async def test_content_dependent_follow_ups_stop_in_time_and_the_rest_are_told_t
 
 async def test_content_dependent_all_refused_is_one_reply_and_no_dsn(config_path: Path) -> None:
     async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             both = await submit(relay.port, [PERM, TEMP], message())
             permanent = await submit(relay.port, [PERM], message())
@@ -350,7 +343,7 @@ async def test_content_dependent_null_sender_gets_no_dsn_and_the_loss_is_logged_
     config_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with FaultyUpstream(Faults(refuse_rcpts=REFUSALS)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             with caplog.at_level(logging.INFO):
                 outcome = await submit(relay.port, [OK, PERM], message(), mail_from="")
@@ -367,7 +360,7 @@ async def test_content_dependent_dsn_refused_by_the_upstream_is_logged_and_count
 ) -> None:
     refusals = {**REFUSALS, "app@example.org": b"550 5.1.1 Sender unknown"}
     async with FaultyUpstream(Faults(refuse_rcpts=refusals)) as up:
-        write_config(config_path, {"policies": _content_dependent(up.port)})
+        write_config(config_path, {"policies": content_dependent_policies(up.port)})
         async with running_relay(config_path) as relay:
             outcome = await submit(relay.port, [OK, PERM], message())
             metrics = relay.metrics.render().decode()
